@@ -1,0 +1,226 @@
+"""The coordinator: fail / rejoin / rebalance as transactions with an epoch.
+
+Every operation runs at a step boundary (the caller guarantees no step is in flight):
+plan (new device list, placement, transfers) -> [poison what the lost devices held] ->
+move experts and reuse survivors' buffers -> switch to the new mesh's programs -> requeue the
+lost devices' requests for re-prefill -> resume with epoch + 1. A change that cannot keep every
+expert served is refused before anything changes. Operation ids make retries harmless.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import jax
+import numpy as np
+
+from elastic_moe.engine import Engine
+from elastic_moe.reconfiguration import (
+    DeviceState,
+    DeviceStatus,
+    MeshState,
+    MeshStatus,
+    Reconfiguration,
+    ReconfigurationRefused,
+    UnknownDevice,
+)
+from mesh.placement import PlacementError, repair
+from mesh.transfer_plan import plan_transfers
+
+
+class Coordinator:
+    def __init__(self, engine: Engine, *, poison: bool = True, standby: bool = True):
+        self.engine = engine
+        self.poison_lost = poison
+        self.standby = standby
+        self.pool: dict[int, jax.Device] = {d.id: d for d in engine.mesh.devices}
+        self.states: dict[int, DeviceState] = {i: DeviceState.HEALTHY for i in self.pool}
+        self.history: list[Reconfiguration] = []
+        self._ops: dict[str, Reconfiguration] = {}
+        self.draining = False
+        if standby:
+            self.warm_standby()
+
+    # ---- operations ---------------------------------------------------------------------
+    def fail(
+        self,
+        device_ids: Iterable[int],
+        *,
+        reason: str = "",
+        op_id: str = "",
+        dry_run: bool = False,
+        detect_ms: float = 0.0,
+    ) -> Reconfiguration:
+        """Declares devices failed and moves serving onto the survivors."""
+        if op_id and op_id in self._ops:
+            return self._ops[op_id]
+        lost = self._known(device_ids)
+        current = [d.id for d in self.engine.mesh.devices]
+        not_serving = [i for i in lost if i not in current]
+        if not_serving:
+            raise ReconfigurationRefused(f"devices {not_serving} are not in the serving mesh")
+        survivors = [i for i in current if i not in lost]
+        cause = f"fail {sorted(lost)}" + (f": {reason}" if reason else "")
+        result = self._reconfigure(survivors, cause, dry_run, detect_ms)
+        if not dry_run:
+            for i in lost:
+                self.states[i] = DeviceState.FAILED
+        return self._remember(op_id, result)
+
+    def rejoin(self, device_ids: Iterable[int], *, op_id: str = "") -> Reconfiguration:
+        """Brings failed devices back: they get expert slots, experts and request capacity."""
+        if op_id and op_id in self._ops:
+            return self._ops[op_id]
+        joining = self._known(device_ids)
+        current = [d.id for d in self.engine.mesh.devices]
+        already = [i for i in joining if i in current]
+        if already:
+            raise ReconfigurationRefused(f"devices {already} are already serving")
+        for i in joining:
+            self.states[i] = DeviceState.REJOINING
+        try:
+            result = self._reconfigure(sorted(current + joining), f"rejoin {sorted(joining)}")
+        except Exception:
+            for i in joining:
+                self.states[i] = DeviceState.FAILED
+            raise
+        for i in joining:
+            self.states[i] = DeviceState.HEALTHY
+        return self._remember(op_id, result)
+
+    def rebalance(self, *, op_id: str = "") -> Reconfiguration:
+        """A new placement from the expert load the router observed, moved online."""
+        if op_id and op_id in self._ops:
+            return self._ops[op_id]
+        current = [d.id for d in self.engine.mesh.devices]
+        result = self._reconfigure(current, "rebalance", load=self.observed_load())
+        self.engine.expert_load[:] = 0
+        return self._remember(op_id, result)
+
+    # ---- the transaction ----------------------------------------------------------------
+    def _reconfigure(
+        self,
+        new_ids: Sequence[int],
+        cause: str,
+        dry_run: bool = False,
+        detect_ms: float = 0.0,
+        load: np.ndarray | None = None,
+    ) -> Reconfiguration:
+        engine = self.engine
+        old = engine.mesh
+        started = time.perf_counter()
+        old_ids = [d.id for d in old.devices]
+        keep = [old_ids.index(i) if i in old_ids else None for i in new_ids]
+        lost_positions = [p for p, i in enumerate(old_ids) if i not in new_ids]
+        max_replicas = old.geometry.max_replicas
+        if load is None:
+            load = np.maximum(self.observed_load(), 1e-3)
+        try:
+            placement = repair(old.placement, keep, load, max_replicas)
+        except PlacementError as e:
+            raise ReconfigurationRefused(
+                f"{cause} refused: {len(new_ids)} devices x {old.geometry.expert_slots_per_device}"
+                f" slots cannot hold all {engine.cfg.num_experts} experts ({e}); nothing changed"
+            ) from None
+        plan = plan_transfers(old.placement, placement, keep)
+        plan_ms = 1000 * (time.perf_counter() - started)
+        result = Reconfiguration(
+            from_epoch=old.epoch,
+            to_epoch=old.epoch + (0 if dry_run else 1),
+            cause=cause,
+            detect_ms=detect_ms,
+            plan_ms=plan_ms,
+            experts_copied=plan.experts_copied,
+            experts_restored_from_host=plan.experts_from_host,
+            dry_run=dry_run,
+        )
+        if dry_run:
+            result.requests_reprefilled = sum(engine.active_on_device(p) for p in lost_positions)
+            return result
+        new_devices = [self.pool[i] for i in new_ids]
+        result.standby_hit = engine.executables.is_warm(new_devices)
+        if self.poison_lost and lost_positions:
+            old.poison(lost_positions)
+        new_mesh, stats = old.moved_to(
+            new_devices, keep, placement, plan, engine.host_params, engine.executables
+        )
+        result.transfer_ms, result.compile_ms = stats.transfer_ms, stats.compile_ms
+        result.requests_reprefilled = engine.switch_mesh(new_mesh, keep)
+        result.pause_ms = detect_ms + 1000 * (time.perf_counter() - started)
+        self.history.append(result)
+        if self.standby:
+            self.warm_standby()
+        return result
+
+    def _known(self, device_ids: Iterable[int]) -> list[int]:
+        ids = sorted({int(i) for i in device_ids})
+        if not ids:
+            raise ValueError("no device ids given")
+        unknown = [i for i in ids if i not in self.pool]
+        if unknown:
+            raise UnknownDevice(
+                f"unknown device ids {unknown}; this deployment has {sorted(self.pool)}"
+            )
+        return ids
+
+    def _remember(self, op_id: str, result: Reconfiguration) -> Reconfiguration:
+        if op_id and not result.dry_run:
+            self._ops[op_id] = result
+        return result
+
+    def warm_standby(self) -> None:
+        """Compiles, in the background, the programs for every single-failure mesh."""
+        engine = self.engine
+        lengths = sorted(engine.prefill_lengths_seen) or [engine.options.min_prefill_bucket]
+        engine.executables.warm_standby(engine.mesh.devices, lengths, engine.min_devices)
+
+    # ---- reporting ----------------------------------------------------------------------
+    def observed_load(self) -> np.ndarray:
+        return self.engine.expert_load.astype(np.float64)
+
+    def status(self) -> MeshStatus:
+        engine, mesh = self.engine, self.engine.mesh
+        placement = mesh.placement
+        s = placement.slots_per_device
+        position = {d.id: p for p, d in enumerate(mesh.devices)}
+        devices = []
+        for i, device in sorted(self.pool.items()):
+            p = position.get(i)
+            experts = (
+                [
+                    placement.phy2log[j, p * s : (p + 1) * s].tolist()
+                    for j in range(placement.num_layers)
+                ]
+                if p is not None
+                else []
+            )
+            devices.append(
+                DeviceStatus(
+                    id=i,
+                    platform=device.platform,
+                    state=self.states[i],
+                    process_index=int(device.process_index),
+                    expert_slots=s if p is not None else 0,
+                    active_requests=engine.active_on_device(p) if p is not None else 0,
+                    experts=experts,
+                )
+            )
+        min_live = int(placement.replica_count.min())
+        if self.draining:
+            state = MeshState.DRAINING
+        elif min_live < 2:
+            state = MeshState.DEGRADED
+        else:
+            state = MeshState.SERVING
+        return MeshStatus(
+            epoch=mesh.epoch,
+            state=state,
+            devices=devices,
+            num_logical_experts=engine.cfg.num_experts,
+            num_physical_slots=placement.num_slots,
+            min_live_replicas=min_live,
+            active_requests=len(engine.running),
+            queued_requests=len(engine.waiting),
+            last=self.history[-1] if self.history else None,
+        )

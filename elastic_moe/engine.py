@@ -1,0 +1,287 @@
+"""The continuous-batching engine over one device mesh.
+
+The interface the frontend drives is small (in the spirit of JetStream's engine_api):
+`submit` a request, `step` the engine (admit and prefill waiting requests, then one batched
+decode step for every running one), read the `TokenEvent`s it returns, `abort` a request.
+Request slots are split evenly over the devices; a request's KV cache lives on its slot's device.
+The coordinator (elastic_moe.coordinator) swaps the mesh underneath between two steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from elastic_moe.executables import ExecutableCache
+from elastic_moe.requests import FinishReason, Journal, Request, RequestError, SamplingParams
+from elastic_moe.serving_mesh import ServingMesh, expert_slots_per_device
+from elastic_moe.steps import Sampling, StepGeometry
+from models.config import ModelConfig
+from models.params import Params
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    index: int  # index of the token among the request's generated tokens
+    token: int
+    logprob: float
+    epoch: int
+    finish_reason: FinishReason | None  # set on the request's last token
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    request_slots_per_device: int = 4
+    prefill_rows_per_device: int = 1
+    redundant_experts: int = 0  # extra expert slots over the whole mesh, beyond num_experts
+    min_prefill_bucket: int = 16
+
+
+def prefill_bucket(length: int, minimum: int, maximum: int) -> int:
+    """Padded prompt length: the next power of two >= length (one compile per bucket)."""
+    bucket = minimum
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, maximum)
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        host_params: Params,
+        devices: Sequence[jax.Device],
+        options: EngineOptions = EngineOptions(),
+    ):
+        self.cfg, self.options = cfg, options
+        self.host_params = host_params  # the host copy of every weight, experts included
+        devices = list(devices)
+        slots = expert_slots_per_device(cfg, len(devices), options.redundant_experts)
+        max_replicas = max(1, min(len(devices), len(devices) * slots - cfg.num_experts + 1))
+        self.min_devices = math.ceil(cfg.num_experts / slots)
+
+        def geometry_for(n: int) -> StepGeometry:
+            return StepGeometry(
+                num_devices=n,
+                expert_slots_per_device=slots,
+                request_slots_per_device=options.request_slots_per_device,
+                prefill_rows_per_device=options.prefill_rows_per_device,
+                max_replicas=max_replicas,
+            )
+
+        self.executables = ExecutableCache(cfg, geometry_for)
+        self.mesh = ServingMesh.create(cfg, host_params, devices, options, self.executables)
+        self.prefill_lengths_seen: set[int] = set()
+        self.journal = Journal()
+        self.waiting: collections.deque[str] = collections.deque()
+        self.slot_owner: list[str | None] = [None] * self.mesh.geometry.num_request_slots
+        self.expert_load = np.zeros((cfg.num_moe_layers, cfg.num_experts), np.int64)
+        self.steps_run = 0
+
+    # ---- the frontend's interface -------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        """Validates and queues a request; raises RequestError for bad input."""
+        request.validate(self.cfg.vocab_size, self.cfg.max_seq_len)
+        self.journal.add(request)
+        self.waiting.append(request.request_id)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its slot at once; unknown or finished ids are ignored."""
+        request = self.journal.get(request_id)
+        if request is None or request.done:
+            return False
+        request.finish_reason = FinishReason.ABORTED
+        self._release(request_id)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(o is not None for o in self.slot_owner)
+
+    def step(self) -> list[TokenEvent]:
+        """Admits waiting requests (prefill), then runs one decode step for all running ones."""
+        events = self._admit()
+        events += self._decode()
+        self.steps_run += 1
+        return events
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+    ) -> list[Request]:
+        """Runs `prompts` to completion (a plain batch generate); returns the finished requests."""
+        requests = [
+            self.submit(Request(list(p), max_tokens=max_tokens, sampling=sampling)) for p in prompts
+        ]
+        while any(not r.done for r in requests):
+            self.step()
+        return requests
+
+    def switch_mesh(self, new_mesh: ServingMesh, keep: Sequence[int | None]) -> int:
+        """Moves serving onto `new_mesh` (new position j was old position keep[j]).
+
+        Requests on kept devices keep their slot and KV cache; those on lost devices go to the
+        front of the queue to be re-prefilled from the journal. Returns how many were requeued.
+        """
+        per = self.options.request_slots_per_device
+        owners: list[str | None] = [None] * (len(keep) * per)
+        for j, old in enumerate(keep):
+            if old is not None:
+                owners[j * per : (j + 1) * per] = self.slot_owner[old * per : (old + 1) * per]
+        kept = {o for o in owners if o is not None}
+        lost = [o for o in self.slot_owner if o is not None and o not in kept]
+        for request_id in reversed(lost):
+            self.journal.get(request_id).reprefills += 1
+            self.waiting.appendleft(request_id)
+        self.slot_owner = owners
+        self.mesh = new_mesh
+        return len(lost)
+
+    # ---- bookkeeping --------------------------------------------------------------------
+    @property
+    def running(self) -> list[str]:
+        return [o for o in self.slot_owner if o is not None]
+
+    def slots_of_device(self, position: int) -> range:
+        per = self.options.request_slots_per_device
+        return range(position * per, (position + 1) * per)
+
+    def active_on_device(self, position: int) -> int:
+        return sum(self.slot_owner[s] is not None for s in self.slots_of_device(position))
+
+    def _release(self, request_id: str) -> None:
+        if request_id in self.waiting:
+            self.waiting.remove(request_id)
+        for s, owner in enumerate(self.slot_owner):
+            if owner == request_id:
+                self.slot_owner[s] = None
+        self.journal.remove(request_id)
+
+    def _record(self, request: Request, token: int, logprob: float) -> TokenEvent:
+        if request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+        request.generated.append(token)
+        request.logprobs.append(logprob)
+        request.epochs.append(self.mesh.epoch)
+        if token in request.stop_token_ids:
+            request.finish_reason = FinishReason.STOP
+        elif len(request.generated) >= request.max_tokens:
+            request.finish_reason = FinishReason.LENGTH
+        event = TokenEvent(
+            request.request_id,
+            len(request.generated) - 1,
+            token,
+            logprob,
+            self.mesh.epoch,
+            request.finish_reason,
+        )
+        if request.done:
+            self._release(request.request_id)
+        return event
+
+    def _sampling(self, requests: list[Request | None]) -> Sampling:
+        def col(fn, dtype):
+            return np.array([fn(r) if r is not None else 0 for r in requests], dtype)
+
+        return Sampling(
+            col(lambda r: r.sampling.temperature, np.float32),
+            col(lambda r: r.sampling.top_k, np.int32),
+            col(lambda r: r.sampling.top_p, np.float32),
+            col(lambda r: r.sampling.seed, np.uint32),
+            col(lambda r: len(r.generated), np.int32),
+        )
+
+    # ---- prefill ------------------------------------------------------------------------
+    def _admit(self) -> list[TokenEvent]:
+        """Prefills up to `prefill_rows_per_device` waiting requests per device."""
+        geometry, per_dev = self.mesh.geometry, self.options.prefill_rows_per_device
+        rows: list[tuple[int, int, Request]] = []  # (prefill row, local slot, request)
+        used = [0] * geometry.num_devices
+        while self.waiting:
+            position = self._device_with_room(used)
+            if position is None:
+                break
+            request = self.journal.get(self.waiting.popleft())
+            if request is None:
+                continue
+            slot = next(s for s in self.slots_of_device(position) if self.slot_owner[s] is None)
+            self.slot_owner[slot] = request.request_id
+            local = slot - position * self.options.request_slots_per_device
+            rows.append((position * per_dev + used[position], local, request))
+            used[position] += 1
+        if not rows:
+            return []
+        cfg = self.cfg
+        longest = max(len(r.context) for _, _, r in rows)
+        length = prefill_bucket(longest, self.options.min_prefill_bucket, cfg.max_seq_len)
+        self.prefill_lengths_seen.add(length)
+        p = geometry.num_prefill_rows
+        tokens = np.zeros((p, length), np.int32)
+        positions = np.full((p, length), cfg.max_seq_len, np.int32)  # padding: not cached
+        local_rows = np.full((p,), self.options.request_slots_per_device, np.int32)
+        last = np.zeros((p,), np.int32)
+        by_row: list[Request | None] = [None] * p
+        for row, local, request in rows:
+            context = request.context
+            tokens[row, : len(context)] = context
+            positions[row, : len(context)] = np.arange(len(context))
+            local_rows[row] = local
+            last[row] = len(context) - 1
+            by_row[row] = request
+        try:
+            out = self.mesh.prefill(tokens, positions, local_rows, last, self._sampling(by_row))
+        except Exception:
+            # Nothing was recorded: give the slots back and keep the requests first in line.
+            for _, _, request in reversed(rows):
+                self.slot_owner[self.slot_owner.index(request.request_id)] = None
+                self.waiting.appendleft(request.request_id)
+            raise
+        self.expert_load += np.asarray(out.expert_load)
+        next_tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+        return [
+            self._record(request, int(next_tokens[row]), float(logprobs[row]))
+            for row, _, request in rows
+        ]
+
+    def _device_with_room(self, used: list[int]) -> int | None:
+        best, best_free = None, 0
+        for position in range(self.mesh.geometry.num_devices):
+            if used[position] >= self.options.prefill_rows_per_device:
+                continue
+            free = sum(self.slot_owner[s] is None for s in self.slots_of_device(position))
+            if free > best_free:
+                best, best_free = position, free
+        return best
+
+    # ---- decode -------------------------------------------------------------------------
+    def _decode(self) -> list[TokenEvent]:
+        owners = [self.journal.get(o) if o is not None else None for o in self.slot_owner]
+        if not any(r is not None for r in owners):
+            return []
+        b = len(owners)
+        tokens = np.zeros((b,), np.int32)
+        positions = np.full((b,), self.cfg.max_seq_len, np.int32)
+        for s, r in enumerate(owners):
+            if r is not None:
+                tokens[s] = r.generated[-1]
+                positions[s] = len(r.context) - 1
+        out = self.mesh.decode(tokens, positions, self._sampling(owners))
+        self.expert_load += np.asarray(out.expert_load)
+        next_tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+        return [
+            self._record(r, int(next_tokens[s]), float(logprobs[s]))
+            for s, r in enumerate(owners)
+            if r is not None
+        ]
+
+
+__all__ = ["Engine", "EngineOptions", "RequestError", "TokenEvent"]

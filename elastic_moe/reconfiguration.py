@@ -1,0 +1,71 @@
+"""What a reconfiguration did and what the mesh looks like: plain records the faces report."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class DeviceState(enum.Enum):
+    HEALTHY = "healthy"
+    FAILED = "failed"
+    REJOINING = "rejoining"
+
+
+class MeshState(enum.Enum):
+    SERVING = "serving"
+    RECONFIGURING = "reconfiguring"
+    DEGRADED = "degraded"  # serving, but some expert has no spare replica left
+    DRAINING = "draining"
+
+
+class ReconfigurationRefused(RuntimeError):
+    """The change would leave some expert with no slot; nothing was changed."""
+
+
+class UnknownDevice(KeyError):
+    """A device id that is not part of this deployment."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown device"
+
+
+@dataclass
+class Reconfiguration:
+    from_epoch: int
+    to_epoch: int
+    cause: str
+    pause_ms: float = 0.0
+    detect_ms: float = 0.0
+    plan_ms: float = 0.0
+    transfer_ms: float = 0.0
+    compile_ms: float = 0.0
+    experts_copied: int = 0
+    experts_restored_from_host: int = 0
+    requests_reprefilled: int = 0
+    dry_run: bool = False
+    standby_hit: bool = False  # the new mesh's programs were compiled before it was needed
+
+
+@dataclass
+class DeviceStatus:
+    id: int
+    platform: str
+    state: DeviceState
+    process_index: int
+    expert_slots: int
+    active_requests: int
+    experts: list[list[int]] = field(default_factory=list)  # per MoE layer, experts held
+
+
+@dataclass
+class MeshStatus:
+    epoch: int
+    state: MeshState
+    devices: list[DeviceStatus]
+    num_logical_experts: int
+    num_physical_slots: int
+    min_live_replicas: int
+    active_requests: int
+    queued_requests: int
+    last: Reconfiguration | None

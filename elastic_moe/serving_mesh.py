@@ -1,0 +1,234 @@
+"""The device-side state of one mesh epoch: parameters, KV cache, placement tables, programs.
+
+`ServingMesh.create` deploys from the host copy; `ServingMesh.moved_to` builds the next epoch's
+state from this one: survivors' buffers are reused as they are, expert slots are filled by
+device-to-device copies (or from the host copy when no replica survived), and new devices get
+their share.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from elastic_moe.deployment import place_params
+from elastic_moe.executables import ExecutableCache, MeshExecutables
+from elastic_moe.steps import StepGeometry, StepOutput
+from mesh.placement import Placement, place
+from mesh.reshard import poison, reassemble
+from mesh.transfer_plan import TransferPlan, schedule_rounds
+from models.config import ModelConfig
+from models.kv_cache import empty_cache
+from models.params import EXPERT_WEIGHTS, Params, expert_weights, moe_layer_indices
+
+if TYPE_CHECKING:
+    from elastic_moe.engine import EngineOptions
+
+
+def expert_slots_per_device(cfg: ModelConfig, num_devices: int, redundant: int) -> int:
+    """S: enough slots for every expert plus `redundant` replicas over the whole mesh."""
+    return max(1, math.ceil((cfg.num_experts + redundant) / num_devices))
+
+
+@dataclass
+class MoveStats:
+    experts_copied: int = 0
+    experts_restored_from_host: int = 0
+    transfer_rounds: int = 0
+    transfer_ms: float = 0.0
+    compile_ms: float = 0.0
+
+
+@dataclass
+class ServingMesh:
+    cfg: ModelConfig
+    devices: list[jax.Device]
+    executables: MeshExecutables
+    geometry: StepGeometry
+    params: Params
+    cache: list
+    placement: Placement
+    epoch: int = 0
+    tables: tuple[jax.Array, jax.Array] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._upload_tables()
+
+    @classmethod
+    def create(
+        cls,
+        cfg: ModelConfig,
+        host_params: Params,
+        devices: Sequence[jax.Device],
+        options: EngineOptions,
+        executables: ExecutableCache,
+        load: np.ndarray | None = None,
+    ) -> ServingMesh:
+        devices = list(devices)
+        entry = executables.get(devices)
+        geometry = entry.programs.geometry
+        if load is None:
+            load = np.ones((cfg.num_moe_layers, cfg.num_experts))
+        placement = place(
+            load, len(devices), geometry.expert_slots_per_device, geometry.max_replicas
+        )
+        programs = entry.programs
+        params = place_params(cfg, host_params, placement.phy2log, programs.param_shardings)
+        cache = jax.device_put(
+            empty_cache(cfg, geometry.num_request_slots), programs.cache_shardings
+        )
+        return cls(cfg, devices, entry, geometry, params, cache, placement)
+
+    # ---- running the programs ---------------------------------------------------------
+    @property
+    def programs(self):
+        return self.executables.programs
+
+    def _upload_tables(self) -> None:
+        replicated = self.programs.replicated
+        self.tables = (
+            jax.device_put(self.placement.log2phy.astype(np.int32), replicated),
+            jax.device_put(self.placement.replica_count.astype(np.int32), replicated),
+        )
+
+    def set_placement(self, placement: Placement) -> None:
+        self.placement = placement
+        self._upload_tables()
+
+    def prefill(self, tokens, positions, rows, last, sampling) -> StepOutput:
+        run = self.programs.compile_prefill(tokens.shape[1])
+        out = run(self.params, self.cache, *self.tables, tokens, positions, rows, last, sampling)
+        self.cache = out.cache
+        return out
+
+    def decode(self, tokens, positions, sampling) -> StepOutput:
+        run = self.programs.compile_decode()
+        out = run(self.params, self.cache, *self.tables, tokens, positions, sampling)
+        self.cache = out.cache
+        return out
+
+    # ---- failure handling ---------------------------------------------------------------
+    def poison(self, lost_positions: Sequence[int]) -> None:
+        """Overwrites everything the lost devices held with NaN and never reads it again."""
+        self.params = jax.tree.map(lambda a: poison(a, lost_positions), self.params)
+        self.cache = jax.tree.map(lambda a: poison(a, lost_positions), self.cache)
+
+    def moved_to(
+        self,
+        new_devices: Sequence[jax.Device],
+        keep: Sequence[int | None],
+        new_placement: Placement,
+        plan: TransferPlan,
+        host_params: Params,
+        executables: ExecutableCache,
+    ) -> tuple[ServingMesh, MoveStats]:
+        """The next epoch's state on `new_devices` (new position j was old position keep[j])."""
+        stats = MoveStats()
+        t0 = time.perf_counter()
+        entry = executables.get(list(new_devices))
+        if entry.programs.compiled_count == 0:
+            entry.programs.compile_decode()
+        stats.compile_ms = 1000 * (time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        programs = entry.programs
+
+        def move(path, array, sharding):
+            keys = [getattr(p, "key", p) for p in path]
+            if "experts" in keys:
+                return reassemble(array, keep, sharding)  # new devices' slots filled below
+            host = _lookup(host_params, keys)
+            return reassemble(array, keep, sharding, fill=lambda _j: host)
+
+        params = jax.tree_util.tree_map_with_path(move, self.params, programs.param_shardings)
+        cache = jax.tree.map(
+            lambda a, s: reassemble(a, keep, s), self.cache, programs.cache_shardings
+        )
+        geometry = programs.geometry
+        stats.transfer_rounds = self._move_experts(
+            params,
+            plan,
+            new_placement.phy2log,
+            host_params,
+            entry,
+            geometry.expert_slots_per_device,
+        )
+        jax.block_until_ready(params)
+        stats.transfer_ms = 1000 * (time.perf_counter() - t1)
+        stats.experts_copied = plan.experts_copied
+        stats.experts_restored_from_host = plan.experts_from_host
+        moved = ServingMesh(
+            self.cfg,
+            list(new_devices),
+            entry,
+            geometry,
+            params,
+            cache,
+            new_placement,
+            self.epoch + 1,
+        )
+        return moved, stats
+
+    def _move_experts(
+        self,
+        params: Params,
+        plan: TransferPlan,
+        phy2log: np.ndarray,
+        host_params: Params,
+        entry: MeshExecutables,
+        slots_per_device: int,
+    ) -> int:
+        n = len(entry.mesh.devices.flat)
+        rounds = schedule_rounds(plan, n, slots_per_device)
+        for j, i in enumerate(moe_layer_indices(self.cfg)):
+            weights = expert_weights(params, i)
+            arrays = tuple(weights[name] for name in EXPERT_WEIGHTS)
+            for r in range(rounds.send_slot.shape[0]):
+                arrays = entry.transfer(arrays, rounds.send_slot[r, j], rounds.recv_slot[r, j])
+            arrays = _restore_from_host(
+                arrays, plan, j, host_params, i, entry, slots_per_device, phy2log
+            )
+            for name, array in zip(EXPERT_WEIGHTS, arrays, strict=True):
+                weights[name] = array
+        return int(rounds.send_slot.shape[0])
+
+
+def _lookup(tree: Any, keys: list) -> Any:
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _restore_from_host(
+    arrays: tuple[jax.Array, ...],
+    plan: TransferPlan,
+    layer: int,
+    host_params: Params,
+    decoder_layer: int,
+    entry: MeshExecutables,
+    slots_per_device: int,
+    phy2log: np.ndarray,
+) -> tuple[jax.Array, ...]:
+    """Writes every slot marked `from_host` from the host copy, one slot per device per call."""
+    host = expert_weights(host_params, decoder_layer)
+    n = len(entry.mesh.devices.flat)
+    pending: list[list[int]] = [[] for _ in range(n)]
+    for slot in np.flatnonzero(plan.from_host[layer]):
+        pending[slot // slots_per_device].append(int(slot))
+    while any(pending):
+        slot = np.full((n,), -1, np.int32)
+        expert = np.full((n,), -1, np.int64)
+        for d in range(n):
+            if pending[d]:
+                p = pending[d].pop()
+                slot[d], expert[d] = p % slots_per_device, phy2log[layer, p]
+        values = [
+            (lambda d, name=name, expert=expert: host[name][expert[d]]) for name in EXPERT_WEIGHTS
+        ]
+        arrays = entry.writer(arrays, slot, values)
+    return arrays

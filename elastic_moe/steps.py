@@ -1,0 +1,191 @@
+"""The prefill and decode programs of one mesh, built with shard_map and compiled ahead of time.
+
+Attention is data-parallel (each device runs its own request slots against its own KV cache);
+the MoE layers are expert-parallel (tokens gathered, local slots computed, results scattered
+back). The placement tables are inputs, so one executable serves every placement of its mesh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, UInt32
+
+from mesh.device_mesh import EXPERT_AXIS
+from mesh.sharding import BATCH, REPLICATED, named, param_specs
+from models.config import ModelConfig
+from models.kv_cache import LayerCache, cache_shapes
+from models.params import abstract_params, logical_axes, model_graph
+from models.sampling import sample
+
+
+class Sampling(NamedTuple):
+    """Per-row sampling state: `step` is the index of the token to produce in its request."""
+
+    temperature: Float[Array, " b"]
+    top_k: Int[Array, " b"]
+    top_p: Float[Array, " b"]
+    seed: UInt32[Array, " b"]
+    step: Int[Array, " b"]
+
+
+class StepOutput(NamedTuple):
+    tokens: Int[Array, " b"]
+    logprobs: Float[Array, " b"]
+    logits: Float[Array, "b vocab"]
+    cache: list[LayerCache]
+    expert_load: Int[Array, "moe_layers experts"]
+
+
+@dataclass(frozen=True)
+class StepGeometry:
+    """Sizes that fix the shapes of one mesh's programs."""
+
+    num_devices: int
+    expert_slots_per_device: int
+    request_slots_per_device: int
+    prefill_rows_per_device: int
+    max_replicas: int
+
+    @property
+    def num_expert_slots(self) -> int:
+        return self.num_devices * self.expert_slots_per_device
+
+    @property
+    def num_request_slots(self) -> int:
+        return self.num_devices * self.request_slots_per_device
+
+    @property
+    def num_prefill_rows(self) -> int:
+        return self.num_devices * self.prefill_rows_per_device
+
+
+def _local_forward(graphdef, cfg: ModelConfig):
+    def forward(params, cache, log2phy, replica_count, tokens, positions, rows, last, sampling):
+        model = nnx.merge(graphdef, params)
+        b, c = tokens.shape
+        first = jax.lax.axis_index(EXPERT_AXIS) * b * c
+        token_ids = first + jnp.arange(b * c, dtype=jnp.int32)
+        logits, cache, load = model(
+            tokens,
+            positions,
+            cache,
+            rows,
+            log2phy,
+            replica_count,
+            token_ids,
+            last,
+            axis_name=EXPERT_AXIS,
+        )
+        next_tokens, logprobs = sample(logits, *sampling)
+        return StepOutput(next_tokens, logprobs, logits, cache, load)
+
+    return forward
+
+
+class MeshPrograms:
+    """jit-compiled prefill/decode for one mesh, with AOT `compile_*` for standby builds."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, geometry: StepGeometry):
+        self.cfg, self.mesh, self.geometry = cfg, mesh, geometry
+        self.param_specs = param_specs(logical_axes(cfg))
+        self.param_shardings = named(mesh, self.param_specs)
+        cache_spec = [LayerCache(BATCH, BATCH) for _ in range(cfg.num_layers)]
+        self.cache_shardings = named(mesh, cache_spec)
+        self.batch = NamedSharding(mesh, BATCH)
+        self.replicated = NamedSharding(mesh, REPLICATED)
+        forward = _local_forward(model_graph(cfg), cfg)
+        sampling_spec = Sampling(*([BATCH] * 5))
+        out_spec = StepOutput(BATCH, BATCH, BATCH, cache_spec, REPLICATED)
+
+        def sharded(rows_spec):
+            in_specs = (self.param_specs, cache_spec, P(), P(), BATCH, BATCH, rows_spec, BATCH)
+            return jax.shard_map(
+                forward, mesh=mesh, in_specs=(*in_specs, sampling_spec), out_specs=out_spec
+            )
+
+        decode_body = sharded(None)
+
+        def decode(params, cache, log2phy, replica_count, tokens, positions, sampling):
+            last = jnp.zeros_like(tokens)
+            return decode_body(
+                params,
+                cache,
+                log2phy,
+                replica_count,
+                tokens[:, None],
+                positions[:, None],
+                None,
+                last,
+                sampling,
+            )
+
+        self.decode = jax.jit(decode, donate_argnums=(1,))
+        self.prefill = jax.jit(sharded(BATCH), donate_argnums=(1,))
+        self._compiled: dict[Any, Any] = {}
+
+    # Abstract inputs, for ahead-of-time compilation.
+    def _abstract_common(self) -> tuple:
+        g, cfg = self.geometry, self.cfg
+        params = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_params(cfg, g.num_expert_slots),
+            self.param_shardings,
+        )
+        cache = [
+            LayerCache(*(jax.ShapeDtypeStruct(*kv, sharding=self.batch) for kv in layer))
+            for layer in cache_shapes(cfg, g.num_request_slots)
+        ]
+        moe, e, r = cfg.num_moe_layers, cfg.num_experts, g.max_replicas
+        log2phy = jax.ShapeDtypeStruct((moe, e, r), jnp.int32, sharding=self.replicated)
+        counts = jax.ShapeDtypeStruct((moe, e), jnp.int32, sharding=self.replicated)
+        return params, cache, log2phy, counts
+
+    def _abstract_rows(self, shape: tuple[int, ...], dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch)
+
+    def _abstract_sampling(self, b: int) -> Sampling:
+        row = self._abstract_rows
+        return Sampling(
+            row((b,), jnp.float32),
+            row((b,)),
+            row((b,), jnp.float32),
+            row((b,), jnp.uint32),
+            row((b,)),
+        )
+
+    def compile_decode(self):
+        """The AOT-compiled decode executable (built once, then reused)."""
+        if "decode" not in self._compiled:
+            b = self.geometry.num_request_slots
+            row = self._abstract_rows
+            args = (*self._abstract_common(), row((b,)), row((b,)), self._abstract_sampling(b))
+            self._compiled["decode"] = self.decode.lower(*args).compile()
+        return self._compiled["decode"]
+
+    def compile_prefill(self, length: int):
+        """The AOT-compiled prefill executable for prompts padded to `length`."""
+        key = ("prefill", length)
+        if key not in self._compiled:
+            p = self.geometry.num_prefill_rows
+            row = self._abstract_rows
+            args = (
+                *self._abstract_common(),
+                row((p, length)),
+                row((p, length)),
+                row((p,)),
+                row((p,)),
+                self._abstract_sampling(p),
+            )
+            self._compiled[key] = self.prefill.lower(*args).compile()
+        return self._compiled[key]
+
+    @property
+    def compiled_count(self) -> int:
+        return len(self._compiled)

@@ -1,0 +1,1 @@
+"""Devices and placement: mesh building, sharding rules, expert placement and transfers."""

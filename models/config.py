@@ -1,0 +1,150 @@
+"""The static model configuration: one frozen dataclass, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+RouterKind = Literal["softmax", "sigmoid"]
+AttentionKind = Literal["gqa", "mla"]
+QKNorm = Literal["none", "per_head", "full"]
+
+
+class ConfigError(ValueError):
+    """A configuration whose sizes disagree; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    architecture: Architecture
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    moe_d_ff: int
+    num_experts: int
+    experts_per_token: int
+    max_seq_len: int = 256
+    # Dense MLP of the first `first_dense_layers` layers (DeepSeek); 0 = every layer is MoE.
+    first_dense_layers: int = 0
+    dense_d_ff: int = 0
+    # Shared experts, always applied (DeepSeek, Qwen2-MoE); Qwen2-MoE gates them with a sigmoid.
+    num_shared_experts: int = 0
+    shared_d_ff: int = 0
+    shared_expert_gate: bool = False
+    # Router: softmax scores (Mixtral, Qwen, OLMoE, DeepSeek-V2) or sigmoid (DeepSeek-V3).
+    router: RouterKind = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    num_expert_groups: int = 1
+    topk_groups: int = 1
+    # DeepSeek-V3's e_score_correction_bias: used to pick experts, not to weight them.
+    router_bias: bool = False
+    attention: AttentionKind = "gqa"
+    qk_norm: QKNorm = "none"
+    attention_bias: bool = False
+    # Multi-head latent attention (DeepSeek); q_lora_rank 0 = plain q projection.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_theta: float = 10000.0
+    rope_interleave: bool = False
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        positive = [
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "moe_d_ff",
+            "num_experts",
+            "experts_per_token",
+            "max_seq_len",
+        ]
+        for field in positive:
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.attention == "gqa":
+            if self.head_dim <= 0:
+                raise ConfigError(f"head_dim must be positive, got {self.head_dim}")
+            if self.head_dim % 2:
+                raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.experts_per_token > self.num_experts:
+            raise ConfigError(
+                f"experts_per_token ({self.experts_per_token}) exceeds num_experts "
+                f"({self.num_experts})"
+            )
+        if not 0 <= self.first_dense_layers < self.num_layers:
+            raise ConfigError(
+                f"first_dense_layers ({self.first_dense_layers}) must be in [0, num_layers)"
+            )
+        if self.first_dense_layers and self.dense_d_ff <= 0:
+            raise ConfigError("dense_d_ff must be positive when first_dense_layers > 0")
+        if self.num_shared_experts and self.shared_d_ff <= 0:
+            raise ConfigError("shared_d_ff must be positive when num_shared_experts > 0")
+        if self.num_experts % self.num_expert_groups:
+            raise ConfigError(
+                f"num_experts ({self.num_experts}) must be a multiple of num_expert_groups "
+                f"({self.num_expert_groups})"
+            )
+        if not 1 <= self.topk_groups <= self.num_expert_groups:
+            raise ConfigError(f"topk_groups ({self.topk_groups}) must be in [1, num_expert_groups]")
+        group_size = self.num_experts // self.num_expert_groups
+        if self.topk_groups * group_size < self.experts_per_token:
+            raise ConfigError(
+                "topk_groups * experts per group is smaller than experts_per_token: "
+                "the router could not pick enough experts"
+            )
+        if self.attention == "mla":
+            for field in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, field) <= 0:
+                    raise ConfigError(f"{field} must be positive for multi-head latent attention")
+            if self.qk_rope_head_dim % 2:
+                raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+            if self.num_kv_heads != self.num_heads:
+                raise ConfigError("multi-head latent attention needs num_kv_heads == num_heads")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers
+
+    @property
+    def key_head_dim(self) -> int:
+        """Per-head width of a cached key."""
+        if self.attention == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert's weights (gate, up and down projections)."""
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 3 * self.d_model * self.moe_d_ff * itemsize

@@ -1,0 +1,102 @@
+"""Small building blocks: a dense projection, RMSNorm, rotary embeddings and the SwiGLU MLP.
+
+Every parameter carries `logical_axes` metadata; `mesh.sharding` maps logical axes to mesh axes.
+Weights are stored as [in, out] so that a projection is `x @ kernel`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias). kernel: [d_in, d_out]."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: str = "float32",
+        bias: bool = False,
+        logical_axes: tuple[str | None, str | None] = (None, None),
+    ):
+        init = jax.nn.initializers.normal(stddev=d_in**-0.5)
+        self.kernel = nnx.Param(
+            init(rngs.params(), (d_in, d_out), dtype_of(dtype)), logical_axes=logical_axes
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((d_out,), dtype_of(dtype)), logical_axes=(logical_axes[1],))
+            if bias
+            else None
+        )
+
+    def __call__(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_out"]:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32, as Hugging Face does."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: str = "float32"):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype_of(dtype)), logical_axes=(None,))
+
+    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * normed.astype(x.dtype)
+
+
+def rope_tables(
+    positions: Int[Array, "batch seq"], rope_dim: int, theta: float
+) -> tuple[Float[Array, "batch seq half"], Float[Array, "batch seq half"]]:
+    """cos and sin of each position times each inverse frequency."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(
+    x: Float[Array, "batch seq heads dim"],
+    cos: Float[Array, "batch seq half"],
+    sin: Float[Array, "batch seq half"],
+    *,
+    interleave: bool = False,
+) -> Float[Array, "batch seq heads dim"]:
+    """Rotary embedding in the rotate-half layout.
+
+    With `interleave` the pairs are (0, 1), (2, 3), ... as in DeepSeek's checkpoints; they are
+    first gathered into halves, which is what Hugging Face does too (queries and keys alike, so
+    their dot products are unchanged).
+    """
+    if interleave:
+        x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)): the dense MLP, shared experts and dense first layers."""
+
+    def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dtype: str = "float32"):
+        self.gate = Dense(d_model, d_ff, rngs=rngs, dtype=dtype)
+        self.up = Dense(d_model, d_ff, rngs=rngs, dtype=dtype)
+        self.down = Dense(d_ff, d_model, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: Float[Array, "... d_model"]) -> Float[Array, "... d_model"]:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

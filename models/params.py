@@ -1,0 +1,76 @@
+"""Parameters as plain nested dicts of arrays, and where the routed experts sit in them.
+
+The *logical* parameters hold each MoE layer's experts as [num_experts, ...] (what a checkpoint
+stores); a deployment gathers them into physical slots with a placement's `phy2log`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig
+from models.transformer import MoETransformer
+
+Params = dict[str, Any]
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def model_graph(cfg: ModelConfig, num_slots: int | None = None) -> nnx.GraphDef:
+    """The model's structure without allocating weights (shapes don't enter the graph)."""
+    abstract = nnx.eval_shape(
+        lambda: MoETransformer(cfg, num_slots or cfg.num_experts, rngs=nnx.Rngs(0))
+    )
+    return nnx.split(abstract)[0]
+
+
+def abstract_params(cfg: ModelConfig, num_slots: int | None = None) -> Params:
+    """Shapes and dtypes (jax.ShapeDtypeStruct leaves) of the parameters."""
+    abstract = nnx.eval_shape(
+        lambda: MoETransformer(cfg, num_slots or cfg.num_experts, rngs=nnx.Rngs(0))
+    )
+    return nnx.to_pure_dict(nnx.split(abstract)[1])
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """For every parameter, its logical axis names (a tuple with one entry per dimension)."""
+    abstract = nnx.eval_shape(lambda: MoETransformer(cfg, cfg.num_experts, rngs=nnx.Rngs(0)))
+    state = nnx.split(abstract)[1]
+    axes = jax.tree.map(
+        lambda v: tuple(v.get_metadata().get("logical_axes") or (None,) * v.value.ndim),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.to_pure_dict(axes)
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
+    """Random logical parameters as numpy arrays (host memory)."""
+    model = MoETransformer(cfg, cfg.num_experts, rngs=nnx.Rngs(seed))
+    pure = nnx.to_pure_dict(nnx.split(model)[1])
+    return jax.tree.map(np.asarray, pure)
+
+
+def moe_layer_indices(cfg: ModelConfig) -> list[int]:
+    return list(range(cfg.first_dense_layers, cfg.num_layers))
+
+
+def expert_weights(params: Params, layer: int) -> dict[str, Any]:
+    """The routed-expert arrays of decoder layer `layer`: {'w_gate', 'w_up', 'w_down'}."""
+    return params["layers"][layer]["mlp"]["experts"]
+
+
+def iter_expert_paths(cfg: ModelConfig) -> Iterator[tuple[int, int, str]]:
+    """(moe layer index j, decoder layer index i, weight name) for every routed-expert array."""
+    for j, i in enumerate(moe_layer_indices(cfg)):
+        for name in EXPERT_WEIGHTS:
+            yield j, i, name
+
+
+def is_expert_path(path: tuple) -> bool:
+    keys = [getattr(p, "key", getattr(p, "name", p)) for p in path]
+    return "experts" in keys

@@ -1,0 +1,48 @@
+"""Token sampling: greedy, or seeded temperature / top-k / top-p.
+
+Each row's randomness comes from (seed, index of the token in its request) alone, so a request
+gets the same tokens whatever its batch row, mesh or reconfigurations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, UInt32
+
+
+def _sample_row(
+    logits: Float[Array, " v"],
+    temperature: Float[Array, ""],
+    top_k: Int[Array, ""],
+    top_p: Float[Array, ""],
+    seed: UInt32[Array, ""],
+    step: Int[Array, ""],
+) -> Int[Array, ""]:
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled)
+    ranked = scaled[order]
+    keep = jnp.ones_like(ranked, dtype=bool)
+    keep &= jnp.where(top_k > 0, jnp.arange(ranked.shape[0]) < top_k, True)
+    probs = jax.nn.softmax(ranked)
+    before = jnp.cumsum(probs) - probs  # mass of the better tokens
+    keep &= jnp.where(top_p > 0, before < top_p, True)
+    keep = keep.at[0].set(True)
+    choice = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf))
+    return order[choice]
+
+
+def sample(
+    logits: Float[Array, "b v"],
+    temperature: Float[Array, " b"],
+    top_k: Int[Array, " b"],
+    top_p: Float[Array, " b"],
+    seed: UInt32[Array, " b"],
+    step: Int[Array, " b"],
+) -> tuple[Int[Array, " b"], Float[Array, " b"]]:
+    """Next token of each row and its log-probability under the model (temperature 1)."""
+    sampled = jax.vmap(_sample_row)(logits, temperature, top_k, top_p, seed, step)
+    tokens = jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,94 @@
+"""The decoder-only MoE transformer (Flax NNX).
+
+One forward serves prefill and decode: `tokens [b, c]` at `positions [b, c]` are written into
+cache rows `rows [b]` (None = row i for token row i, the decode case) and attend over the cache.
+Under `shard_map` over `axis_name`, b is this device's share of the request slots and the experts
+are this device's slots; without an axis name the same code runs on one device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from models.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from models.config import ModelConfig
+from models.kv_cache import LayerCache
+from models.layers import Dense, RMSNorm, SwiGLU, dtype_of
+from models.moe import ExpertTables, MoEBlock
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, index: int, num_slots: int, *, rngs: nnx.Rngs):
+        self.is_moe = index >= cfg.first_dense_layers
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, dtype=cfg.dtype)
+        attention = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
+        self.attn = attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, dtype=cfg.dtype)
+        if self.is_moe:
+            self.mlp = MoEBlock(cfg, num_slots, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.dense_d_ff, rngs=rngs, dtype=cfg.dtype)
+
+
+class MoETransformer(nnx.Module):
+    """Embedding, decoder layers (dense first layers, then MoE), final norm and LM head."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), dtype_of(cfg.dtype)),
+            logical_axes=(None, None),
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, num_slots, rngs=rngs) for i in range(cfg.num_layers)]
+        )
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, dtype=cfg.dtype)
+        self.lm_head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "b c"],
+        positions: Int[Array, "b c"],
+        cache: list[LayerCache],
+        rows: Int[Array, " b"] | None,
+        log2phy: Int[Array, "moe_layers experts max_replicas"],
+        replica_count: Int[Array, "moe_layers experts"],
+        token_ids: Int[Array, " bc"],
+        last_index: Int[Array, " b"] | None,
+        axis_name: str | None = None,
+    ) -> tuple[Float[Array, "b ..."], list[LayerCache], Int[Array, "moe_layers experts"]]:
+        """Logits of token `last_index[i]` of each row ([b, vocab]; every token's, [b, c, vocab],
+        when last_index is None), the updated cache and expert loads.
+
+        token_ids: a global index per token, used to spread tokens over expert replicas.
+        Tokens at positions >= max_seq_len are padding: they are not cached or counted.
+        """
+        cfg = self.cfg
+        b, c = tokens.shape
+        valid: Bool[Array, " bc"] = (positions < cache[0].k.shape[1]).reshape(-1)
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        new_cache, loads = [], []
+        for i, layer in enumerate(self.layers):
+            h, layer_cache = layer.attn(layer.attn_norm(x), positions, cache[i], rows)
+            new_cache.append(layer_cache)
+            x = x + h
+            h = layer.mlp_norm(x)
+            if layer.is_moe:
+                j = i - cfg.first_dense_layers
+                tables = ExpertTables(log2phy[j], replica_count[j])
+                flat, load = layer.mlp(h.reshape(b * c, -1), tables, token_ids, valid, axis_name)
+                loads.append(load)
+                h = flat.reshape(b, c, -1)
+            else:
+                h = layer.mlp(h)
+            x = x + h
+        if last_index is None:
+            last = self.final_norm(x)
+        else:
+            last = self.final_norm(jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0])
+        head = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        logits = last.astype(jnp.float32) @ head.astype(jnp.float32)
+        return logits, new_cache, jnp.stack(loads)
