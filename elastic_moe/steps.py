@@ -7,6 +7,7 @@ back). The placement tables are inputs, so one executable serves every placement
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -129,6 +130,8 @@ class MeshPrograms:
         self.decode = jax.jit(decode, donate_argnums=(1,))
         self.prefill = jax.jit(sharded(BATCH), donate_argnums=(1,))
         self._compiled: dict[Any, Any] = {}
+        # Standby compiles run on a background thread; a foreground caller waits for them.
+        self._compile_lock = threading.Lock()
 
     # Abstract inputs, for ahead-of-time compilation.
     def _abstract_common(self) -> tuple:
@@ -162,6 +165,10 @@ class MeshPrograms:
 
     def compile_decode(self):
         """The AOT-compiled decode executable (built once, then reused)."""
+        with self._compile_lock:
+            return self._compile_decode()
+
+    def _compile_decode(self):
         if "decode" not in self._compiled:
             b = self.geometry.num_request_slots
             row = self._abstract_rows
@@ -171,6 +178,10 @@ class MeshPrograms:
 
     def compile_prefill(self, length: int):
         """The AOT-compiled prefill executable for prompts padded to `length`."""
+        with self._compile_lock:
+            return self._compile_prefill(length)
+
+    def _compile_prefill(self, length: int):
         key = ("prefill", length)
         if key not in self._compiled:
             p = self.geometry.num_prefill_rows

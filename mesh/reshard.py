@@ -6,6 +6,7 @@ All arrays here split their leading axis over the one mesh axis (`EXPERT_AXIS`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import jax
@@ -69,15 +70,14 @@ def poison(array: jax.Array, lost_positions: Sequence[int]) -> jax.Array:
         return array
     devices = _mesh_devices(array)
     lost = {devices[p] for p in lost_positions}
-    buffers = []
-    for shard in array.addressable_shards:
+    by_device = {}
+    for shard in array.addressable_shards:  # read once: deleting a buffer retires `array`
         if shard.device in lost:
             nan = np.full(shard.data.shape, np.nan, dtype=shard.data.dtype)
             shard.data.delete()
-            buffers.append(jax.device_put(nan, shard.device))
+            by_device[shard.device] = jax.device_put(nan, shard.device)
         else:
-            buffers.append(shard.data)
-    by_device = dict(zip([s.device for s in array.addressable_shards], buffers, strict=True))
+            by_device[shard.device] = shard.data
     ordered = [by_device[d] for d in devices]
     return jax.make_array_from_single_device_arrays(array.shape, array.sharding, ordered)
 
@@ -103,6 +103,7 @@ class SlotTransfer:
             for w in weight_shapes
         )
         self._executable = None
+        self._lock = threading.Lock()
 
         def round_local(weights, send, recv, used):
             send, recv = send[0], recv[0]  # this device's row: [n]
@@ -136,6 +137,10 @@ class SlotTransfer:
 
     def compile(self):
         """The ahead-of-time compiled round (built once per mesh)."""
+        with self._lock:
+            return self._compile()
+
+    def _compile(self):
         if self._executable is None:
             n = self.mesh.devices.size
             table = jax.ShapeDtypeStruct(
@@ -179,6 +184,7 @@ class SlotWriter:
             for w in weight_shapes
         )
         self._executable = None
+        self._lock = threading.Lock()
 
         def write_local(weights, slot, values):
             slot = slot[0]
@@ -193,6 +199,10 @@ class SlotWriter:
         self._write = jax.jit(body, donate_argnums=(0,))
 
     def compile(self):
+        with self._lock:
+            return self._compile()
+
+    def _compile(self):
         if self._executable is None:
             n = self.mesh.devices.size
             slot = jax.ShapeDtypeStruct(

@@ -1,0 +1,280 @@
+"""The runtime: one thread drives the engine; other threads submit requests and operations.
+
+Everything that touches the engine or the mesh runs on the loop thread at a step boundary, so a
+reconfiguration never races a step. Requests wait in a bounded admission queue; a listener per
+request receives its `TokenEvent`s and one `Finished`. This is what the gRPC server, the CLI and
+the notebooks drive.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from elastic_moe.coordinator import Coordinator
+from elastic_moe.engine import Engine, TokenEvent
+from elastic_moe.faults import FaultInjector, GuardedStepper
+from elastic_moe.reconfiguration import MeshStatus
+from elastic_moe.requests import FinishReason, Request, RequestError
+
+
+class QueueFull(RuntimeError):
+    """The admission queue is full (requests or prompt tokens)."""
+
+
+class Draining(RuntimeError):
+    """The runtime is draining or stopped and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    request: Request
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return self.request.finish_reason or FinishReason.ABORTED
+
+
+Listener = Callable[[TokenEvent | Finished], None]
+
+
+class Runtime:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        coordinator: Coordinator | None = None,
+        injector: FaultInjector | None = None,
+        max_queued_requests: int = 256,
+        max_queued_tokens: int = 1 << 16,
+    ):
+        self.engine = engine
+        self.coordinator = coordinator or Coordinator(engine)
+        self.injector = injector or FaultInjector()
+        self.stepper = GuardedStepper(self.coordinator, self.injector)
+        self.max_queued_requests = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens
+        self._lock = threading.Condition()
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._listeners: dict[str, Listener] = {}
+        self._requests: dict[str, Request] = {}
+        self._watchers: list[Callable[[MeshStatus], None]] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.draining = False
+        self.step_count = 0
+        self.tokens_generated = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> Runtime:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="elastic-moe-loop", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.engine.executables.shutdown()
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- requests -----------------------------------------------------------------------
+    def submit(self, request: Request, listener: Listener) -> Request:
+        """Queues a request; raises RequestError (bad input), QueueFull or Draining."""
+        cfg = self.engine.cfg
+        request.validate(cfg.vocab_size, cfg.max_seq_len)
+        with self._lock:
+            if self.draining or self._stopping:
+                raise Draining("the server is draining and accepts no new requests")
+            if request.request_id in self._listeners:
+                raise RequestError(f"request_id {request.request_id!r} is already running")
+            queued = list(self._inbox) + [
+                r for r in (self.engine.journal.get(i) for i in self.engine.waiting) if r
+            ]
+            if len(queued) >= self.max_queued_requests:
+                raise QueueFull(f"admission queue full ({len(queued)} requests waiting)")
+            tokens = sum(len(r.context) for r in queued)
+            if tokens + len(request.prompt) > self.max_queued_tokens:
+                raise QueueFull(f"admission queue full ({tokens} prompt tokens waiting)")
+            self._listeners[request.request_id] = listener
+            self._requests[request.request_id] = request
+            self._inbox.append(request)
+            self._lock.notify_all()
+        return request
+
+    def abort(self, request_ids: list[str]) -> Future:
+        """Aborts requests at the next step boundary; the future gives how many were live."""
+        return self.call(lambda: sum(self._abort_now(i) for i in request_ids))
+
+    def _abort_now(self, request_id: str) -> int:
+        for request in list(self._inbox):
+            if request.request_id == request_id:
+                self._inbox.remove(request)
+                request.finish_reason = FinishReason.ABORTED
+                self._emit(Finished(request))
+                return 1
+        request = self.engine.journal.get(request_id)
+        if request is None or not self.engine.abort(request_id):
+            return 0
+        self._emit(Finished(request))
+        return 1
+
+    # ---- operations at a step boundary --------------------------------------------------
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Runs fn() on the loop thread between two steps; its result comes in the future."""
+        future: Future = Future()
+        with self._lock:
+            if self._thread is None or self._stopping:
+                future.set_exception(Draining("the runtime is not running"))
+                return future
+            self._commands.append((fn, future))
+            self._lock.notify_all()
+        return future
+
+    def status(self) -> MeshStatus:
+        return self.call(self._status_now).result()
+
+    def _status_now(self) -> MeshStatus:
+        status = self.coordinator.status()
+        status.queued_requests += len(self._inbox)
+        return status
+
+    def watch(self, watcher: Callable[[MeshStatus], None]) -> Callable[[], None]:
+        """Calls watcher(status) after every change of the mesh; returns an unsubscribe."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if watcher in self._watchers:
+                    self._watchers.remove(watcher)
+
+        return unsubscribe
+
+    def fail(self, device_ids, **kw) -> Future:
+        return self.call(lambda: self._changed(self.coordinator.fail(device_ids, **kw)))
+
+    def rejoin(self, device_ids, **kw) -> Future:
+        return self.call(lambda: self._changed(self.coordinator.rejoin(device_ids, **kw)))
+
+    def rebalance(self, **kw) -> Future:
+        return self.call(lambda: self._changed(self.coordinator.rebalance(**kw)))
+
+    def break_devices(self, device_ids) -> None:
+        """Simulates hardware faults: the next step fails and detection takes over."""
+        self.injector.break_devices(device_ids)
+
+    def drain(self, timeout_s: float) -> tuple[int, int]:
+        """Stops admission, lets running requests finish for up to timeout_s, aborts the rest.
+
+        Returns (completed, aborted)."""
+        with self._lock:
+            self.draining = True
+            self.coordinator.draining = True
+            live = set(self._listeners)
+        self._notify_watchers()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not (live & set(self._listeners)):
+                    break
+            time.sleep(0.01)
+        with self._lock:
+            left = list(live & set(self._listeners))
+        aborted = self.abort(left).result() if left else 0
+        return len(live) - aborted, aborted
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _changed(self, result):
+        if not result.dry_run:
+            self._notify_watchers()
+        return result
+
+    def _notify_watchers(self) -> None:
+        if not self._watchers:
+            return
+        status = self._status_now() if threading.current_thread() is self._thread else None
+        for watcher in list(self._watchers):
+            try:
+                watcher(status if status is not None else self.coordinator.status())
+            except Exception:  # a broken watcher must not stop serving
+                self.unwatch(watcher)
+
+    def unwatch(self, watcher) -> None:
+        with self._lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def _emit(self, event: TokenEvent | Finished) -> None:
+        listener = self._listeners.get(event.request_id)
+        if listener is None:
+            return
+        if isinstance(event, Finished):
+            with self._lock:
+                self._listeners.pop(event.request_id, None)
+                self._requests.pop(event.request_id, None)
+        try:
+            listener(event)
+        except Exception:  # a broken listener must not stop serving
+            pass
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            with self._lock:
+                while not (self._stopping or self._commands or self._inbox or engine.has_work()):
+                    self._lock.wait(timeout=0.5)
+                if self._stopping:
+                    break
+                commands, self._commands = list(self._commands), collections.deque()
+                inbox, self._inbox = list(self._inbox), collections.deque()
+            for fn, future in commands:
+                try:
+                    future.set_result(fn())
+                except Exception as error:
+                    future.set_exception(error)
+            for request in inbox:
+                if request.done:
+                    continue
+                try:
+                    engine.submit(request)
+                except RequestError:
+                    request.finish_reason = FinishReason.ABORTED
+                    self._emit(Finished(request))
+            if engine.has_work():
+                self._step()
+        for _, future in self._commands:
+            future.set_exception(Draining("the runtime stopped"))
+
+    def _step(self) -> None:
+        before = self.engine.mesh.epoch
+        detections = len(self.stepper.detections)
+        events = self.stepper.step()
+        self.step_count += 1
+        self.tokens_generated += len(events)
+        for event in events:
+            self._emit(event)
+            if event.finish_reason is not None:
+                request = self._requests.get(event.request_id)
+                if request is not None:
+                    self._emit(Finished(request))
+        if self.engine.mesh.epoch != before or len(self.stepper.detections) != detections:
+            self._notify_watchers()
