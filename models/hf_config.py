@@ -1,0 +1,242 @@
+"""Hugging Face `config.json` -> ModelConfig, for the six MoE architectures we implement.
+
+Accepts both hub-style configs (top-level `rope_theta` / `rope_scaling`, `num_experts`) and
+transformers-5 configs (`rope_parameters`, `num_local_experts`, `head_dim: null`). Anything that
+would change the math and that we do not implement (yarn rope, sliding windows in effect, dense
+layers interleaved with MoE layers, FP8 weights, ...) is refused with an error naming the field;
+see tools/hf_fixtures/ARCHITECTURES.md for what each architecture computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.config import ConfigError, ModelConfig
+
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+# Cache sizing: max_position_embeddings is often 32k-160k; a KV cache that long is rarely wanted.
+DEFAULT_MAX_SEQ_LEN_CAP = 4096
+# The default rope theta of each transformers config class, for configs that omit it.
+_DEFAULT_ROPE_THETA = {"mixtral": 1e6}
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class UnsupportedConfigError(ConfigError):
+    """A config.json that asks for something this runtime does not implement."""
+
+
+def _refuse(model_type: str, field: str, value: Any, why: str) -> UnsupportedConfigError:
+    return UnsupportedConfigError(f"{model_type}: config.json {field}={value!r}: {why}")
+
+
+def _rope_theta(hf: dict, model_type: str) -> float:
+    """rope theta from `rope_parameters` (transformers 5) or `rope_theta` (hub); refuses scaling."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for field, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind not in ("default", None):
+            raise _refuse(
+                model_type,
+                f"{field}.rope_type",
+                kind,
+                "only plain RoPE is implemented (no yarn / linear / dynamic / llama3 scaling)",
+            )
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    if theta is None:
+        theta = _DEFAULT_ROPE_THETA.get(model_type, 10000.0)
+    return float(theta)
+
+
+def _sliding_window_in_effect(hf: dict, max_seq_len: int) -> int | None:
+    """The window size if a sliding window would mask anything within max_seq_len tokens."""
+    window = hf.get("sliding_window")
+    if "use_sliding_window" in hf and not hf["use_sliding_window"]:
+        return None
+    if window is None or window <= 0 or window >= max_seq_len:
+        return None
+    return int(window)
+
+
+def _dtype(hf: dict, override: str | None) -> str:
+    if override is not None:
+        return override
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if name not in _DTYPES:
+        raise _refuse(hf["model_type"], "dtype", name, "expected float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+def _check_qwen_all_layers_sparse(hf: dict, model_type: str) -> None:
+    if hf.get("decoder_sparse_step", 1) != 1:
+        raise _refuse(
+            model_type,
+            "decoder_sparse_step",
+            hf["decoder_sparse_step"],
+            "only every layer MoE (decoder_sparse_step 1) is implemented",
+        )
+    if hf.get("mlp_only_layers"):
+        raise _refuse(
+            model_type,
+            "mlp_only_layers",
+            hf["mlp_only_layers"],
+            "dense layers between MoE layers are not implemented",
+        )
+
+
+def config_from_hf(
+    config_json: dict,
+    name: str,
+    *,
+    max_seq_len: int | None = None,
+    dtype: str | None = None,
+) -> ModelConfig:
+    """The ModelConfig of a Hugging Face `config.json` (already parsed).
+
+    max_seq_len: the KV cache length; defaults to max_position_embeddings capped at
+    DEFAULT_MAX_SEQ_LEN_CAP. dtype: parameter dtype; defaults to the config's
+    `dtype` / `torch_dtype`.
+    Raises UnsupportedConfigError (a ConfigError, a ValueError) naming the offending field.
+    """
+    hf = config_json
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedConfigError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise _refuse(model_type, "quantization_config.quant_method", method, "quantized weights")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _refuse(model_type, "hidden_act", hf["hidden_act"], "only silu is implemented")
+    positions = int(hf.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN_CAP))
+    seq_len = max_seq_len or min(positions, DEFAULT_MAX_SEQ_LEN_CAP)
+    window = _sliding_window_in_effect(hf, seq_len)
+    if window is not None:
+        raise _refuse(
+            model_type,
+            "sliding_window",
+            window,
+            f"a sliding window shorter than max_seq_len ({seq_len}) is not implemented",
+        )
+
+    d, nh = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    common = dict(
+        name=name,
+        architecture=model_type,
+        vocab_size=int(hf["vocab_size"]),
+        d_model=d,
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=nh,
+        experts_per_token=int(hf["num_experts_per_tok"]),
+        max_seq_len=seq_len,
+        rope_theta=_rope_theta(hf, model_type),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dtype=_dtype(hf, dtype),
+    )
+    if model_type.startswith("deepseek"):
+        return _deepseek(hf, model_type, common)
+
+    nkv = int(hf.get("num_key_value_heads") or nh)
+    gqa = dict(common, num_kv_heads=nkv, head_dim=int(hf.get("head_dim") or d // nh))
+    num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if model_type == "mixtral":
+        return ModelConfig(
+            **gqa,
+            moe_d_ff=int(hf["intermediate_size"]),
+            num_experts=int(hf["num_local_experts"]),
+            norm_topk_prob=True,
+        )
+    if model_type == "olmoe":
+        if hf.get("clip_qkv") is not None:
+            raise _refuse(model_type, "clip_qkv", hf["clip_qkv"], "q/k/v clamping not implemented")
+        if hf.get("attention_bias"):
+            raise _refuse(model_type, "attention_bias", True, "OLMoE attention biases")
+        return ModelConfig(
+            **gqa,
+            moe_d_ff=int(hf["intermediate_size"]),
+            num_experts=int(num_experts),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            qk_norm="full",
+        )
+    _check_qwen_all_layers_sparse(hf, model_type)
+    if model_type == "qwen2_moe":
+        shared = int(hf.get("shared_expert_intermediate_size") or 0)
+        return ModelConfig(
+            **gqa,
+            moe_d_ff=int(hf["moe_intermediate_size"]),
+            num_experts=int(num_experts),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            # Hub Qwen2-MoE configs lack `qkv_bias`; their checkpoints always have the biases.
+            attention_bias=bool(hf.get("qkv_bias", True)),
+            num_shared_experts=1 if shared else 0,
+            shared_d_ff=shared,
+            shared_expert_gate=bool(shared),
+        )
+    # qwen3_moe
+    if hf.get("attention_bias"):
+        raise _refuse(model_type, "attention_bias", True, "o_proj bias is not implemented")
+    return ModelConfig(
+        **gqa,
+        moe_d_ff=int(hf["moe_intermediate_size"]),
+        num_experts=int(num_experts),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        qk_norm="per_head",
+    )
+
+
+def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
+    if hf.get("attention_bias"):
+        raise _refuse(model_type, "attention_bias", True, "MLA projection biases")
+    if hf.get("mlp_bias"):
+        raise _refuse(model_type, "mlp_bias", True, "MLP biases are not implemented")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise _refuse(model_type, "moe_layer_freq", hf["moe_layer_freq"], "must be 1")
+    n_group = int(hf.get("n_group") or 1)
+    topk_group = int(hf.get("topk_group") or 1)
+    if model_type == "deepseek_v2":
+        # transformers' DeepseekV2TopkRouter: softmax scores, never renormalised.
+        method = hf.get("topk_method", "greedy")
+        if method == "greedy":
+            n_group = topk_group = 1
+        elif method != "group_limited_greedy":
+            raise _refuse(
+                model_type, "topk_method", method, "expected greedy or group_limited_greedy"
+            )
+        if hf.get("scoring_func", "softmax") != "softmax":
+            raise _refuse(model_type, "scoring_func", hf["scoring_func"], "V2 routes by softmax")
+        router = dict(router="softmax", norm_topk_prob=False, router_bias=False)
+        rope_interleave = True  # V2 rotates (x[2i], x[2i+1]) pairs, always
+    else:
+        if hf.get("scoring_func", "sigmoid") != "sigmoid":
+            raise _refuse(model_type, "scoring_func", hf["scoring_func"], "V3 routes by sigmoid")
+        router = dict(
+            router="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)), router_bias=True
+        )
+        rope_interleave = bool(hf.get("rope_interleave", True))
+    moe_d_ff = int(hf["moe_intermediate_size"])
+    n_shared = int(hf.get("n_shared_experts") or 0)
+    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    return ModelConfig(
+        **common,
+        num_kv_heads=common["num_heads"],  # MLA expands K/V per head; HF needs nkv == nh
+        head_dim=0,
+        attention="mla",
+        q_lora_rank=int(hf.get("q_lora_rank") or 0),
+        kv_lora_rank=int(hf["kv_lora_rank"]),
+        qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+        v_head_dim=int(hf["v_head_dim"]),
+        rope_interleave=rope_interleave,
+        moe_d_ff=moe_d_ff,
+        num_experts=int(hf["n_routed_experts"]),
+        num_expert_groups=n_group,
+        topk_groups=topk_group,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
+        num_shared_experts=n_shared,
+        shared_d_ff=moe_d_ff * n_shared,
+        first_dense_layers=first_dense,
+        dense_d_ff=int(hf["intermediate_size"]) if first_dense else 0,
+        **router,
+    )

@@ -1,0 +1,494 @@
+"""Hugging Face safetensors checkpoints -> (ModelConfig, logical params), tensor by tensor.
+
+Every parameter array is allocated once, at its `abstract_params` shape and dtype, and each
+checkpoint tensor is read, transposed ([out, in] -> [in, out]) and written into its place (a
+routed expert into its slot of the [num_experts, ...] stack); the model is never held twice.
+Both expert layouts are accepted: one tensor per expert (hub checkpoints, and what
+`save_pretrained` writes: `experts.M.gate_proj` / Mixtral's `block_sparse_moe.experts.M.w1`) and
+the fused transformers-5 layout (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+
+Anything surprising is an error (`CheckpointError`) naming the file and the tensor: a tensor we
+need that is missing, a shape that disagrees with config.json, a tensor we would silently drop,
+a truncated or corrupt file. Pickled PyTorch files are never opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from models.config import ConfigError, ModelConfig
+from models.hf_config import config_from_hf
+from models.params import Params, abstract_params
+
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors dtype codes -> numpy dtypes (bf16 / fp8 through ml_dtypes, which jax ships).
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+# Tensors a checkpoint may carry that the math does not use (rotary caches are recomputed).
+_HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and, where one is at
+    fault, the tensor."""
+
+
+# ---- reading safetensors files -------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # byte offsets into the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file declares; CheckpointError if the header is corrupt or the
+    file is shorter than its header says (naming the first tensor that is cut off)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, "
+                f"the file has {size})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    base, tensors = 8 + header_len, {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in spec["data_offsets"])
+            shape = tuple(int(x) for x in spec["shape"])
+            tensors[name] = TensorInfo(str(spec["dtype"]), shape, base + begin, base + end)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name}: corrupt header entry {spec!r}") from None
+    for name, info in sorted(tensors.items(), key=lambda kv: kv[1].end):
+        if info.end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} ends at byte {info.end} but the file has "
+                f"only {size} bytes"
+            )
+        dtype = SAFETENSORS_DTYPES.get(info.dtype)
+        expected = None if dtype is None else int(np.prod(info.shape)) * dtype.itemsize
+        if expected is not None and info.end - info.start != expected:
+            raise CheckpointError(
+                f"{path}: tensor {name}: {info.end - info.start} bytes for a {info.dtype} "
+                f"tensor of shape {list(info.shape)} ({expected} bytes expected)"
+            )
+    return tensors
+
+
+class SafetensorsFile:
+    """One open safetensors file: reads whole tensors, or one leading-axis slice of a tensor.
+
+    Reads through `safetensors.safe_open(framework="numpy")`; dtypes that this safetensors
+    version cannot hand to numpy (bf16 before 0.5, fp8) are read as raw bytes and viewed through
+    ml_dtypes.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tensors = read_header(path)
+        try:
+            self._handle = safe_open(str(path), framework="numpy")
+        except Exception as e:  # SafetensorError is not importable on every version
+            raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
+
+    def close(self) -> None:
+        self._handle = None
+
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """Tensor `name`, or its slice `[index]` along the first axis."""
+        try:
+            if index is None:
+                return self._handle.get_tensor(name)
+            return self._handle.get_slice(name)[index]
+        except Exception as e:
+            if SAFETENSORS_DTYPES.get(self.tensors[name].dtype) is None:
+                raise CheckpointError(f"{self.path}: tensor {name}: unreadable ({e})") from None
+            # e.g. bf16 with safetensors < 0.5: the header was validated, read the bytes.
+            return self.read_raw(name, index)
+
+    def read_raw(self, name: str, index: int | None = None) -> np.ndarray:
+        """`read` without safetensors: the tensor's bytes viewed as its dtype (ml_dtypes)."""
+        info = self.tensors[name]
+        dtype = SAFETENSORS_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name}: unsupported dtype {info.dtype}")
+        shape, start = info.shape, info.start
+        if index is not None:
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            shape, start = shape[1:], start + index * row
+        count = int(np.prod(shape))
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            return np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+
+
+# ---- where each Hugging Face tensor goes -----------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """How one checkpoint tensor fills the params.
+
+    kind: "whole" (the tensor is one parameter), "expert" (one expert's slot of a stack),
+    "fused_gate_up" ([E, 2I, H] -> w_gate and w_up) or "fused_down" ([E, H, I] -> w_down).
+    """
+
+    kind: Literal["whole", "expert", "fused_gate_up", "fused_down"]
+    leaf: tuple  # path into params, e.g. ("layers", 0, "attn", "q_proj", "kernel")
+    shape: tuple[int, ...]  # shape on disk, from config.json
+    transpose: bool = False
+    expert: int | None = None
+
+
+def _linear(leaf: tuple, d_in: int, d_out: int) -> Source:
+    return Source("whole", leaf + ("kernel",), (d_out, d_in), transpose=True)
+
+
+def _vector(leaf: tuple, n: int) -> Source:
+    return Source("whole", leaf, (n,))
+
+
+def expected_tensors(cfg: ModelConfig) -> tuple[dict[str, Source], dict[str, Source]]:
+    """(hub layout, alternative names): checkpoint name -> Source.
+
+    The first dict is the layout hub checkpoints (and `save_pretrained`) use, one tensor per
+    expert; the second holds the names of transformers' fused in-memory layout, which may stand
+    in for each MoE layer's per-expert tensors.
+    """
+    d, v, e_count, f = cfg.d_model, cfg.vocab_size, cfg.num_experts, cfg.moe_d_ff
+    names: dict[str, Source] = {
+        "model.embed_tokens.weight": Source("whole", ("embed",), (v, d)),
+        "model.norm.weight": _vector(("final_norm", "scale"), d),
+    }
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = _linear(("lm_head",), d, v)
+    alternatives: dict[str, Source] = {}
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", ("layers", i)
+        names[hf + "input_layernorm.weight"] = _vector(ours + ("attn_norm", "scale"), d)
+        names[hf + "post_attention_layernorm.weight"] = _vector(ours + ("mlp_norm", "scale"), d)
+        for name, source in _attention_tensors(cfg, ours + ("attn",)).items():
+            names[hf + "self_attn." + name] = source
+        mlp = ours + ("mlp",)
+        if i < cfg.first_dense_layers:
+            for name, source in _swiglu_tensors(mlp, d, cfg.dense_d_ff).items():
+                names[hf + "mlp." + name] = source
+            continue
+        moe = hf + ("block_sparse_moe." if cfg.architecture == "mixtral" else "mlp.")
+        names[moe + "gate.weight"] = _linear(mlp + ("router",), d, e_count)
+        if cfg.router_bias:
+            names[moe + "gate.e_score_correction_bias"] = _vector(mlp + ("router_bias",), e_count)
+        projections = ("w1", "w3", "w2") if cfg.architecture == "mixtral" else None
+        for e in range(e_count):
+            gate, up, down = projections or ("gate_proj", "up_proj", "down_proj")
+            x = f"{moe}experts.{e}."
+            ex = mlp + ("experts",)
+            names[x + gate + ".weight"] = Source("expert", ex + ("w_gate",), (f, d), True, e)
+            names[x + up + ".weight"] = Source("expert", ex + ("w_up",), (f, d), True, e)
+            names[x + down + ".weight"] = Source("expert", ex + ("w_down",), (d, f), True, e)
+        # transformers-5 in-memory names (save_original_format=False); Mixtral's
+        # block_sparse_moe is called mlp there, router included.
+        ex = mlp + ("experts",)
+        for prefix in dict.fromkeys([moe, hf + "mlp."]):
+            alternatives[prefix + "experts.gate_up_proj"] = Source(
+                "fused_gate_up", ex, (e_count, 2 * f, d)
+            )
+            alternatives[prefix + "experts.down_proj"] = Source("fused_down", ex, (e_count, d, f))
+            alternatives.setdefault(prefix + "gate.weight", names[moe + "gate.weight"])
+        if cfg.num_shared_experts:
+            shared = "shared_experts." if cfg.attention == "mla" else "shared_expert."
+            for name, source in _swiglu_tensors(mlp + ("shared",), d, cfg.shared_d_ff).items():
+                names[hf + "mlp." + shared + name] = source
+        if cfg.shared_expert_gate:
+            names[hf + "mlp.shared_expert_gate.weight"] = _linear(mlp + ("shared_gate",), d, 1)
+    return names, alternatives
+
+
+def _swiglu_tensors(leaf: tuple, d: int, d_ff: int) -> dict[str, Source]:
+    return {
+        "gate_proj.weight": _linear(leaf + ("gate",), d, d_ff),
+        "up_proj.weight": _linear(leaf + ("up",), d, d_ff),
+        "down_proj.weight": _linear(leaf + ("down",), d_ff, d),
+    }
+
+
+def _attention_tensors(cfg: ModelConfig, leaf: tuple) -> dict[str, Source]:
+    d, h = cfg.d_model, cfg.num_heads
+    if cfg.attention == "mla":
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        r = cfg.kv_lora_rank
+        out = {
+            "kv_a_proj_with_mqa.weight": _linear(
+                leaf + ("kv_a_proj",), d, r + cfg.qk_rope_head_dim
+            ),
+            "kv_a_layernorm.weight": _vector(leaf + ("kv_a_norm", "scale"), r),
+            "kv_b_proj.weight": _linear(
+                leaf + ("kv_b_proj",), r, h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+            ),
+            "o_proj.weight": _linear(leaf + ("o_proj",), h * cfg.v_head_dim, d),
+        }
+        if cfg.q_lora_rank:
+            rq = cfg.q_lora_rank
+            out["q_a_proj.weight"] = _linear(leaf + ("q_a_proj",), d, rq)
+            out["q_a_layernorm.weight"] = _vector(leaf + ("q_a_norm", "scale"), rq)
+            out["q_b_proj.weight"] = _linear(leaf + ("q_b_proj",), rq, h * qk)
+        else:
+            out["q_proj.weight"] = _linear(leaf + ("q_proj",), d, h * qk)
+        return out
+    hd, q_dim, kv_dim = cfg.head_dim, h * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out = {
+        "q_proj.weight": _linear(leaf + ("q_proj",), d, q_dim),
+        "k_proj.weight": _linear(leaf + ("k_proj",), d, kv_dim),
+        "v_proj.weight": _linear(leaf + ("v_proj",), d, kv_dim),
+        "o_proj.weight": _linear(leaf + ("o_proj",), q_dim, d),
+    }
+    if cfg.attention_bias:
+        for name, n in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
+            out[name + ".bias"] = _vector(leaf + (name, "bias"), n)
+    if cfg.qk_norm == "per_head":
+        out["q_norm.weight"] = _vector(leaf + ("q_norm", "scale"), hd)
+        out["k_norm.weight"] = _vector(leaf + ("k_norm", "scale"), hd)
+    elif cfg.qk_norm == "full":
+        out["q_norm.weight"] = _vector(leaf + ("q_norm", "scale"), q_dim)
+        out["k_norm.weight"] = _vector(leaf + ("k_norm", "scale"), kv_dim)
+    return out
+
+
+def _is_harmless(name: str, cfg: ModelConfig, hf_config: dict) -> bool:
+    """Tensors we may skip: rotary caches, a tied lm_head, DeepSeek's multi-token-prediction
+    layers (stored after the last decoder layer, not part of the causal LM)."""
+    if _HARMLESS.search(name):
+        return True
+    if name == "lm_head.weight" and cfg.tie_embeddings:
+        return True
+    match = _LAYER.match(name)
+    mtp = int(hf_config.get("num_nextn_predict_layers") or 0)
+    return bool(match) and cfg.num_layers <= int(match.group(1)) < cfg.num_layers + mtp
+
+
+# ---- the loader ------------------------------------------------------------------------------
+def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a model directory and, if sharded, the index's weight_map."""
+    index_path = directory / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: corrupt index ({e!r})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        for path in files:
+            if not path.exists():
+                raise CheckpointError(f"{index_path}: shard {path.name} does not exist")
+        return files, weight_map
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files, None
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{directory}: only PyTorch pickle files ({', '.join(pickles)}); loading them could "
+            "run arbitrary code, so they are refused. Convert the checkpoint to safetensors "
+            "(e.g. `AutoModelForCausalLM.from_pretrained(d).save_pretrained(out)` with "
+            "transformers, which writes safetensors)"
+        )
+    raise CheckpointError(f"{directory}: no *.safetensors files")
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a Hugging Face model directory)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _leaf(params: Params, path: tuple) -> np.ndarray:
+    node: Any = params
+    for key in path:
+        node = node[key]
+    return node
+
+
+class _Filler:
+    """Writes checkpoint tensors into preallocated params and records what has been written."""
+
+    def __init__(self, cfg: ModelConfig):
+        shapes = abstract_params(cfg)
+        self.params: Params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
+        self.names, self.alternatives = expected_tensors(cfg)
+        # (leaf, expert or None) -> the checkpoint name that fills it, for "missing" messages.
+        self.pending: dict[tuple, str] = {}
+        for name, s in self.names.items():
+            self.pending[(s.leaf, s.expert)] = name
+        self.filled: set[tuple] = set()
+
+    def _mark(self, file: SafetensorsFile, name: str, leaf: tuple, expert: int | None) -> None:
+        if (leaf, expert) in self.filled:
+            where = "/".join(map(str, leaf)) + ("" if expert is None else f"[{expert}]")
+            raise CheckpointError(
+                f"{file.path}: tensor {name} fills {where}, which another tensor already filled"
+            )
+        self.filled.add((leaf, expert))
+        self.pending.pop((leaf, expert), None)
+
+    def fill(self, file: SafetensorsFile, name: str, source: Source) -> None:
+        info = file.tensors[name]
+        if info.shape != source.shape:
+            raise CheckpointError(
+                f"{file.path}: tensor {name} has shape {list(info.shape)}, but config.json "
+                f"implies {list(source.shape)}"
+            )
+        if SAFETENSORS_DTYPES.get(info.dtype) is None:
+            raise CheckpointError(
+                f"{file.path}: tensor {name}: dtype {info.dtype} is not a supported float type"
+            )
+        if source.kind == "whole":
+            array = file.read(name)
+            _leaf(self.params, source.leaf)[...] = array.T if source.transpose else array
+            self._mark(file, name, source.leaf, None)
+        elif source.kind == "expert":
+            _leaf(self.params, source.leaf)[source.expert] = file.read(name).T
+            self._mark(file, name, source.leaf, source.expert)
+        elif source.kind == "fused_gate_up":
+            w_gate = _leaf(self.params, source.leaf + ("w_gate",))
+            w_up = _leaf(self.params, source.leaf + ("w_up",))
+            f = w_gate.shape[-1]
+            for e in range(source.shape[0]):
+                both = file.read(name, e)  # [2I, H]: gate rows, then up rows
+                w_gate[e], w_up[e] = both[:f].T, both[f:].T
+                self._mark(file, name, source.leaf + ("w_gate",), e)
+                self._mark(file, name, source.leaf + ("w_up",), e)
+        else:  # fused_down
+            w_down = _leaf(self.params, source.leaf + ("w_down",))
+            for e in range(source.shape[0]):
+                w_down[e] = file.read(name, e).T
+                self._mark(file, name, source.leaf + ("w_down",), e)
+
+    def missing(self) -> list[str]:
+        return sorted(self.pending.values())
+
+
+def _iter_tensors(
+    files: list[Path], weight_map: dict[str, str] | None
+) -> Iterator[tuple[SafetensorsFile, str]]:
+    for path in files:
+        file = SafetensorsFile(path)
+        if weight_map is not None:
+            for name in file.tensors:
+                if weight_map.get(name) != path.name:
+                    raise CheckpointError(
+                        f"{path}: tensor {name} is not listed for this shard in {INDEX_FILE}"
+                    )
+            for name, shard in weight_map.items():
+                if shard == path.name and name not in file.tensors:
+                    raise CheckpointError(
+                        f"{path}: missing tensor {name} ({INDEX_FILE} says it is in this shard)"
+                    )
+        for name in file.tensors:
+            yield file, name
+        file.close()
+
+
+def load_hf(
+    directory: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_seq_len: int | None = None,
+    progress: bool = True,
+) -> tuple[ModelConfig, Params]:
+    """Loads a Hugging Face model directory (config.json + model.safetensors, or shards + index).
+
+    dtype: parameter dtype (default: the config's); max_seq_len: KV cache length (default:
+    max_position_embeddings, capped). Returns the config and the logical params (host numpy,
+    shapes of `abstract_params(cfg)`). Raises CheckpointError naming file and tensor.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    hf_config = read_hf_config(directory)
+    try:
+        cfg = config_from_hf(
+            hf_config, directory.resolve().name, max_seq_len=max_seq_len, dtype=dtype
+        )
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{directory / 'config.json'}: {detail}") from None
+    files, weight_map = checkpoint_files(directory)
+    filler = _Filler(cfg)
+    total = sum(p.stat().st_size for p in files)
+    with _bytes_progress(progress, total, directory.name) as advance:
+        for file, name in _iter_tensors(files, weight_map):
+            source = filler.names.get(name) or filler.alternatives.get(name)
+            if source is not None:
+                filler.fill(file, name, source)
+            elif not _is_harmless(name, cfg, hf_config):
+                raise CheckpointError(
+                    f"{file.path}: unexpected tensor {name} (not part of a {cfg.architecture} "
+                    "model with this config.json; refusing to ignore it)"
+                )
+            info = file.tensors[name]
+            advance(info.end - info.start)
+    missing = filler.missing()
+    if missing:
+        if weight_map is not None:
+            where = directory / INDEX_FILE
+        else:
+            where = files[0] if len(files) == 1 else directory
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: missing tensor {missing[0]}{more}")
+    return cfg, filler.params
+
+
+@contextlib.contextmanager
+def _bytes_progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over bytes read; yields `advance(n)` (a no-op when disabled)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(TextColumn("loading {task.description}"), *columns, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -1,0 +1,347 @@
+"""Generate tiny Hugging Face reference checkpoints + expected outputs.
+
+Writes ``tests/fixtures/hf/<arch>/`` for mixtral, qwen2_moe, qwen3_moe, olmoe,
+deepseek_v2, deepseek_v3 (plus ``qwen3_moe_sharded``), each containing:
+
+* ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards +
+  ``model.safetensors.index.json``) written by ``save_pretrained``;
+* ``expected.json``: prompt (16 token ids), greedy (16 new token ids),
+  logit margins, versions, and the names of the .npy files;
+* ``expected_logits.npy``: float32 [16, vocab], logits of the prompt
+  (one forward pass over the 16 prompt tokens);
+* ``expected_greedy_logits.npy``: float32 [16, vocab], row t = logits from which
+  greedy token t was chosen (last position of a full forward pass over
+  prompt + greedy[:t]).
+
+The .npy files are plain float32 arrays (``numpy.load(path)`` works without
+``allow_pickle``).
+
+This needs torch + transformers, which the project's own venv does not have.
+Recreate the reference venv (outside the repo; CPU torch exists only for
+Python 3.11 here) with::
+
+    python3.11 -m venv /tmp/hfref
+    /tmp/hfref/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors numpy
+
+and run from the repo root::
+
+    /tmp/hfref/bin/python tools/hf_fixtures/make_fixtures.py [--out tests/fixtures/hf] [--only ARCH ...]
+
+Nothing is downloaded from the hub: every model is built from a config with
+``AutoConfig.for_model`` + ``AutoModelForCausalLM.from_config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+SEED = 0
+VOCAB = 160
+PROMPT = [3, 141, 27, 95, 8, 66, 120, 41, 150, 7, 77, 19, 102, 58, 133, 30]
+N_NEW = 16
+INIT_STD = 0.2  # larger than the 0.02 default so logits/routing are well separated
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    initializer_range=INIT_STD,
+    attention_dropout=0.0,
+    use_cache=True,
+    output_router_logits=False,
+    pad_token_id=None,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+
+CONFIGS: dict[str, dict] = {
+    "mixtral": dict(
+        hidden_size=40,
+        intermediate_size=24,  # per-expert FFN width (mixtral has no separate moe_intermediate_size)
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_jitter_noise=0.0,
+        sliding_window=None,
+    ),
+    "qwen2_moe": dict(
+        hidden_size=40,
+        intermediate_size=40,  # only used by dense layers (none here)
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        qkv_bias=True,
+        use_sliding_window=False,
+    ),
+    "qwen3_moe": dict(
+        hidden_size=48,
+        head_dim=16,  # explicit, != hidden/heads (=12), like real Qwen3-MoE
+        intermediate_size=40,  # only used by dense layers (none here)
+        moe_intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        attention_bias=False,
+        use_sliding_window=False,
+    ),
+    "olmoe": dict(
+        hidden_size=40,
+        intermediate_size=24,  # per-expert FFN width
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        clip_qkv=None,
+        attention_bias=False,
+    ),
+    "deepseek_v2": dict(
+        hidden_size=48,
+        intermediate_size=40,  # dense layer 0
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,  # MLA: must equal num_attention_heads in HF
+        q_lora_rank=None,  # -> plain q_proj
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        topk_method="group_limited_greedy",
+        n_group=2,  # group score = max prob in group, so topk_group must be < top_k to bind
+        topk_group=1,
+        routed_scaling_factor=1.5,
+        norm_topk_prob=False,  # not read by HF DeepseekV2 router anyway
+        attention_bias=False,
+        mlp_bias=False,
+    ),
+    "deepseek_v3": dict(
+        hidden_size=40,
+        intermediate_size=40,  # dense layer 0
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,  # MLA: must equal num_attention_heads in HF
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=12,  # distinct dims so nope/rope/v splits are checked
+        v_head_dim=10,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        rope_interleave=True,
+        attention_bias=False,
+        num_nextn_predict_layers=0,
+    ),
+}
+
+
+def build(arch: str):
+    torch.manual_seed(SEED)
+    kwargs = dict(COMMON)
+    kwargs.update(CONFIGS[arch])
+    config = AutoConfig.for_model(arch, **kwargs)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", dtype=torch.float32
+    )
+    model = model.float().eval()
+
+    # Make every parameter matter: the default init sets RMSNorm weights to 1,
+    # biases to 0 and e_score_correction_bias to 0, which would hide loader bugs.
+    g = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=g))
+
+    gc = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=N_NEW,
+        min_new_tokens=N_NEW,
+        eos_token_id=None,
+        pad_token_id=0,
+        bos_token_id=None,
+        repetition_penalty=1.0,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+    )
+    model.generation_config = gc
+    return model
+
+
+@torch.no_grad()
+def reference_outputs(model):
+    ids = torch.tensor([PROMPT], dtype=torch.long)
+    prompt_logits = model(ids, use_cache=False).logits[0].float().numpy()
+
+    # Pure greedy with full recomputation (no cache, no logits processors).
+    seq = list(PROMPT)
+    step_logits = []
+    for _ in range(N_NEW):
+        out = model(torch.tensor([seq], dtype=torch.long), use_cache=False).logits[0, -1].float()
+        step_logits.append(out.numpy())
+        seq.append(int(torch.argmax(out)))
+    greedy = seq[len(PROMPT) :]
+    step_logits = np.stack(step_logits).astype(np.float32)
+
+    # Cross-check against generate() with the KV cache.
+    gen = model.generate(ids, generation_config=model.generation_config, use_cache=True)
+    gen_new = gen[0, len(PROMPT) :].tolist()
+    if gen_new != greedy:
+        raise RuntimeError(f"generate() {gen_new} != manual greedy {greedy}")
+
+    def margin(rows):
+        s = np.sort(rows, axis=-1)
+        return float(np.min(s[:, -1] - s[:, -2]))
+
+    return (
+        prompt_logits.astype(np.float32),
+        step_logits,
+        greedy,
+        margin(step_logits),
+        margin(prompt_logits),
+    )
+
+
+def write_fixture(model, out_dir: str, arch: str, max_shard_size=None):
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out_dir, **kw)  # safetensors, original (per-expert) key format
+
+    prompt_logits, step_logits, greedy, greedy_margin, prompt_margin = reference_outputs(model)
+    np.save(os.path.join(out_dir, "expected_logits.npy"), prompt_logits, allow_pickle=False)
+    np.save(os.path.join(out_dir, "expected_greedy_logits.npy"), step_logits, allow_pickle=False)
+    expected = {
+        "model_type": arch,
+        "prompt": PROMPT,
+        "greedy": greedy,
+        "logits_file": "expected_logits.npy",
+        "logits_shape": list(prompt_logits.shape),
+        "greedy_logits_file": "expected_greedy_logits.npy",
+        "greedy_logits_shape": list(step_logits.shape),
+        "min_greedy_top2_margin": greedy_margin,
+        "min_prompt_top2_margin": prompt_margin,
+        "dtype": "float32",
+        "attn_implementation": "eager",
+        "seed": SEED,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    with open(os.path.join(out_dir, "expected.json"), "w") as f:
+        f.write(
+            "{\n"
+            + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in expected.items())
+            + "\n}\n"
+        )
+    return prompt_logits, greedy, greedy_margin
+
+
+@torch.no_grad()
+def verify(out_dir: str, prompt_logits: np.ndarray, greedy: list[int]):
+    m = AutoModelForCausalLM.from_pretrained(
+        out_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    ids = torch.tensor([PROMPT], dtype=torch.long)
+    got = m(ids, use_cache=False).logits[0].float().numpy()
+    diff = float(np.max(np.abs(got - prompt_logits)))
+    if not np.array_equal(got, prompt_logits):
+        raise RuntimeError(f"{out_dir}: reloaded logits differ (max abs diff {diff})")
+    gen = m.generate(ids, generation_config=m.generation_config, use_cache=True)[
+        0, len(PROMPT) :
+    ].tolist()
+    if gen != greedy:
+        raise RuntimeError(f"{out_dir}: reloaded greedy {gen} != {greedy}")
+    return diff
+
+
+def dir_size(d):
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/fixtures/hf")
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # deterministic reductions
+    archs = args.only or list(CONFIGS)
+    total = 0
+    for arch in archs:
+        model = build(arch)
+        out_dir = os.path.join(args.out, arch)
+        logits, greedy, gm = write_fixture(model, out_dir, arch)
+        verify(out_dir, logits, greedy)
+        sz = dir_size(out_dir)
+        total += sz
+        nparams = sum(p.numel() for p in model.parameters())
+        print(
+            f"{arch:18s} params={nparams:7d} size={sz / 1024:7.1f} KiB greedy_margin={gm:.4f} greedy={greedy}"
+        )
+        if arch == "qwen3_moe":
+            sh_dir = os.path.join(args.out, "qwen3_moe_sharded")
+            logits2, greedy2, _ = write_fixture(model, sh_dir, arch, max_shard_size="120KB")
+            assert np.array_equal(logits, logits2) and greedy == greedy2
+            shards = sorted(f for f in os.listdir(sh_dir) if f.endswith(".safetensors"))
+            if len(shards) < 2 or not os.path.exists(
+                os.path.join(sh_dir, "model.safetensors.index.json")
+            ):
+                raise RuntimeError(f"sharded save produced {shards}")
+            verify(sh_dir, logits, greedy)
+            sz = dir_size(sh_dir)
+            total += sz
+            print(f"{'qwen3_moe_sharded':18s} shards={len(shards)} size={sz / 1024:7.1f} KiB")
+    print(
+        f"total {total / 1024:.1f} KiB; torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
