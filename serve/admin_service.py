@@ -1,0 +1,98 @@
+"""The Admin service: mesh status (one-shot and watched), fail / rejoin / rebalance, drain.
+
+Every operation runs on the runtime's loop thread at a step boundary; here it is awaited as a
+future and its errors become status codes: UnknownDevice -> NOT_FOUND, ReconfigurationRefused ->
+FAILED_PRECONDITION, a bad argument -> INVALID_ARGUMENT, a stopped runtime -> UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+
+import grpc
+
+from elastic_moe.reconfiguration import MeshStatus, ReconfigurationRefused, UnknownDevice
+from elastic_moe.runtime import Draining, Runtime
+from serve.proto import elastic_moe_pb2 as pb
+from serve.proto import elastic_moe_pb2_grpc as pb_grpc
+from serve.status_convert import mesh_status_to_proto, reconfigure_result
+
+
+def status_code_of(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, UnknownDevice):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, ReconfigurationRefused):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, Draining):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(error, (ValueError, TypeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, runtime: Runtime, drain: Callable[[float], Awaitable[tuple[int, int]]]):
+        """drain(timeout_s) is the server's drain (it also flips readiness)."""
+        self.runtime = runtime
+        self._drain = drain
+
+    async def _operation(self, start: Callable[[], Future], context) -> pb.ReconfigureResult:
+        try:
+            result = await asyncio.wrap_future(start())
+        except Exception as error:  # mapped to a status code with the runtime's message
+            code = status_code_of(error)
+            message = str(error) or type(error).__name__
+            if code is grpc.StatusCode.INTERNAL:
+                message = f"{type(error).__name__}: {message}"
+            await context.abort(code, message)
+        return reconfigure_result(result)
+
+    async def _status(self) -> MeshStatus:
+        return await asyncio.get_running_loop().run_in_executor(None, self.runtime.status)
+
+    async def GetMeshStatus(self, message, context):
+        try:
+            return mesh_status_to_proto(await self._status())
+        except Draining as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+
+    async def WatchMeshStatus(self, message, context):
+        loop = asyncio.get_running_loop()
+        changes: asyncio.Queue[MeshStatus] = asyncio.Queue()
+        # Subscribe first so that no change between the first status and the watch is missed.
+        unsubscribe = self.runtime.watch(
+            lambda status: loop.call_soon_threadsafe(changes.put_nowait, status)
+        )
+        try:
+            try:
+                yield mesh_status_to_proto(await self._status())
+            except Draining as error:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+            while True:
+                yield mesh_status_to_proto(await changes.get())
+        finally:
+            unsubscribe()
+
+    async def FailDevices(self, message: pb.FailDevicesRequest, context):
+        ids = list(message.device_ids)
+        return await self._operation(
+            lambda: self.runtime.fail(
+                ids, reason=message.reason, op_id=message.op_id, dry_run=message.dry_run
+            ),
+            context,
+        )
+
+    async def RejoinDevices(self, message: pb.RejoinDevicesRequest, context):
+        ids = list(message.device_ids)
+        return await self._operation(lambda: self.runtime.rejoin(ids, op_id=message.op_id), context)
+
+    async def Rebalance(self, message: pb.RebalanceRequest, context):
+        return await self._operation(lambda: self.runtime.rebalance(op_id=message.op_id), context)
+
+    async def Drain(self, message: pb.DrainRequest, context):
+        completed, aborted = await self._drain(
+            float(message.timeout_s) if message.timeout_s else None
+        )
+        return pb.DrainResult(completed=completed, aborted=aborted)

@@ -1,0 +1,179 @@
+"""The Generation service: Generate (a token stream), Abort, GetModelInfo.
+
+Each Generate call submits one request to the runtime with a listener that hops every event from
+the runtime's loop thread onto the asyncio loop. Whatever ends the call before the request
+finished (the client cancels, its deadline passes, the server stops) aborts the request in the
+runtime at once, so its slot frees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+
+from elastic_moe.engine import TokenEvent
+from elastic_moe.requests import Request, RequestError, SamplingParams
+from elastic_moe.runtime import Draining, Finished, QueueFull, Runtime
+from models.tokenizer import Tokenizer
+from serve.metrics import ServerMetrics
+from serve.proto import elastic_moe_pb2 as pb
+from serve.proto import elastic_moe_pb2_grpc as pb_grpc
+from serve.status_convert import finish_reason_to_proto, model_info
+from serve.text_stream import IncrementalDetokenizer
+
+
+def request_from_proto(message: pb.GenerateRequest, runtime: Runtime, tokenizer: Tokenizer):
+    """The runtime Request for a GenerateRequest; raises RequestError naming what is wrong."""
+    cfg = runtime.engine.cfg
+    which = message.WhichOneof("input")
+    if which is None:
+        raise RequestError("the request has no input: set either text or tokens")
+    if which == "text":
+        if not message.text:
+            raise RequestError("the prompt is empty (text is '')")
+        try:
+            prompt = list(tokenizer.encode(message.text))
+        except ValueError as error:
+            raise RequestError(f"the text cannot be tokenized: {error}") from None
+    else:
+        prompt = list(message.tokens.ids)
+    if not prompt:
+        raise RequestError("the prompt is empty (no token ids)")
+    if message.max_tokens > cfg.max_seq_len:
+        raise RequestError(
+            f"max_tokens ({message.max_tokens}) exceeds the model's max_seq_len ({cfg.max_seq_len})"
+        )
+    bad_stops = [t for t in message.stop_token_ids if not 0 <= t < cfg.vocab_size]
+    if bad_stops:
+        raise RequestError(
+            f"stop_token_ids outside the vocabulary [0, {cfg.vocab_size}): {bad_stops}"
+        )
+    s = message.sampling
+    request = Request(
+        prompt,
+        max_tokens=message.max_tokens,
+        sampling=SamplingParams(
+            temperature=float(s.temperature), top_p=float(s.top_p), top_k=s.top_k, seed=s.seed
+        ),
+        stop_token_ids=tuple(message.stop_token_ids),
+        request_id=message.request_id or f"req-{uuid.uuid4().hex}",
+    )
+    request.validate(cfg.vocab_size, cfg.max_seq_len)  # prompt, lengths, sampling
+    return request
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(
+        self,
+        runtime: Runtime,
+        tokenizer: Tokenizer,
+        tokenizer_kind: str,
+        metrics: ServerMetrics,
+    ):
+        self.runtime, self.tokenizer, self.metrics = runtime, tokenizer, metrics
+        self.info = model_info(runtime.engine.cfg, tokenizer_kind)
+
+    async def Generate(self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            request = request_from_proto(message, self.runtime, self.tokenizer)
+        except RequestError as error:
+            self.metrics.request_rejected("INVALID_ARGUMENT")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent | Finished] = asyncio.Queue()
+        clock = self.metrics.request_accepted()
+        runtime, metrics = self.runtime, self.metrics
+
+        def listener(event: TokenEvent | Finished) -> None:  # on the runtime's loop thread
+            if isinstance(event, TokenEvent):
+                metrics.token(clock, runtime.step_count)
+            else:
+                metrics.request_finished(clock, event.finish_reason.value)
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        refusal = None
+        try:
+            runtime.submit(request, listener)
+        except RequestError as error:
+            refusal = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        except QueueFull as error:
+            refusal = grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+        except Draining as error:
+            refusal = grpc.StatusCode.UNAVAILABLE, str(error)
+        if refusal is not None:
+            metrics.request_refused(clock, refusal[0].name)
+            await context.abort(*refusal)
+
+        request_id = request.request_id
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt)
+        finished = False
+        try:
+            while not finished:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                for response in self._responses(request_id, batch, detokenizer):
+                    finished = response.HasField("complete")
+                    yield response
+        finally:
+            if not finished:  # cancelled, deadline passed, or the server is stopping
+                runtime.abort([request_id])
+
+    def _responses(self, request_id, batch, detokenizer):
+        """Chunks for runs of consecutive tokens of one mesh epoch, then Complete if finished."""
+        tokens: list[TokenEvent] = []
+
+        def chunk() -> pb.GenerateResponse:
+            final = tokens[-1].finish_reason is not None
+            return pb.GenerateResponse(
+                request_id=request_id,
+                chunk=pb.Chunk(
+                    token_ids=[e.token for e in tokens],
+                    logprobs=[e.logprob for e in tokens],
+                    offset=tokens[0].index,
+                    mesh_epoch=tokens[0].epoch,
+                    text=detokenizer.push([e.token for e in tokens], final=final),
+                ),
+            )
+
+        for event in batch:
+            if isinstance(event, TokenEvent):
+                if tokens and (
+                    event.epoch != tokens[0].epoch or event.index != tokens[-1].index + 1
+                ):
+                    yield chunk()
+                    tokens = []
+                tokens.append(event)
+                continue
+            if tokens:
+                yield chunk()
+                tokens = []
+            r = event.request
+            yield pb.GenerateResponse(
+                request_id=request_id,
+                complete=pb.Complete(
+                    finish_reason=finish_reason_to_proto(r.finish_reason),
+                    prompt_tokens=len(r.prompt),
+                    completion_tokens=len(r.generated),
+                    reprefills=r.reprefills,
+                    ttft_ms=r.ttft_ms,
+                ),
+            )
+            return
+        if tokens:
+            yield chunk()
+
+    async def Abort(self, message: pb.AbortRequest, context: grpc.aio.ServicerContext):
+        ids = list(dict.fromkeys(i for i in message.request_ids if i))
+        if not ids:
+            return pb.AbortResponse(aborted=0)
+        try:
+            aborted = await asyncio.wrap_future(self.runtime.abort(ids))
+        except Draining as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        return pb.AbortResponse(aborted=aborted)
+
+    async def GetModelInfo(self, message: pb.ModelInfoRequest, context):
+        return self.info

@@ -1,0 +1,88 @@
+"""Conversions between the runtime's records and the gRPC messages (elastic_moe.v1)."""
+
+from __future__ import annotations
+
+from elastic_moe.reconfiguration import MeshStatus, Reconfiguration
+from elastic_moe.requests import FinishReason
+from models.config import ModelConfig
+from serve.proto import elastic_moe_pb2 as pb
+
+FINISH_REASONS = {
+    FinishReason.STOP: pb.STOP,
+    FinishReason.LENGTH: pb.LENGTH,
+    FinishReason.ABORTED: pb.ABORTED,
+}
+FINISH_REASON_NAMES = {
+    pb.STOP: "stop",
+    pb.LENGTH: "length",
+    pb.ABORTED: "aborted",
+    pb.FINISH_REASON_UNSPECIFIED: "",
+}
+
+
+def finish_reason_to_proto(reason: FinishReason | None) -> int:
+    return FINISH_REASONS.get(reason, pb.ABORTED) if reason is not None else pb.ABORTED
+
+
+def reconfiguration_to_proto(r: Reconfiguration) -> pb.Reconfiguration:
+    return pb.Reconfiguration(
+        from_epoch=r.from_epoch,
+        to_epoch=r.to_epoch,
+        cause=r.cause,
+        pause_ms=r.pause_ms,
+        detect_ms=r.detect_ms,
+        plan_ms=r.plan_ms,
+        transfer_ms=r.transfer_ms,
+        compile_ms=r.compile_ms,
+        experts_copied=r.experts_copied,
+        experts_restored_from_host=r.experts_restored_from_host,
+        requests_reprefilled=r.requests_reprefilled,
+        standby_hit=bool(getattr(r, "standby_hit", False)),
+        dry_run=bool(getattr(r, "dry_run", False)),
+    )
+
+
+def reconfigure_result(r: Reconfiguration) -> pb.ReconfigureResult:
+    """The mesh epoch after the operation (unchanged for a dry run) and what it did."""
+    return pb.ReconfigureResult(epoch=r.to_epoch, summary=reconfiguration_to_proto(r))
+
+
+def mesh_status_to_proto(s: MeshStatus) -> pb.MeshStatus:
+    message = pb.MeshStatus(
+        epoch=s.epoch,
+        state=pb.MeshState.Value(s.state.name),
+        num_logical_experts=s.num_logical_experts,
+        num_physical_slots=s.num_physical_slots,
+        min_live_replicas=s.min_live_replicas,
+        active_requests=s.active_requests,
+        queued_requests=s.queued_requests,
+    )
+    for d in s.devices:
+        message.devices.append(
+            pb.Device(
+                id=d.id,
+                platform=d.platform,
+                state=pb.DeviceState.Value(d.state.name),
+                process_index=d.process_index,
+                expert_slots=d.expert_slots,
+                active_requests=d.active_requests,
+                experts=[pb.ExpertIds(ids=layer) for layer in getattr(d, "experts", [])],
+            )
+        )
+    if s.last is not None:
+        message.last.CopyFrom(reconfiguration_to_proto(s.last))
+    return message
+
+
+def model_info(cfg: ModelConfig, tokenizer_kind: str) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=cfg.name,
+        architecture=cfg.architecture,
+        vocab_size=cfg.vocab_size,
+        num_layers=cfg.num_layers,
+        num_experts=cfg.num_experts,
+        experts_per_token=cfg.experts_per_token,
+        max_seq_len=cfg.max_seq_len,
+        num_moe_layers=cfg.num_moe_layers,
+        tokenizer=tokenizer_kind,
+    )
