@@ -1,0 +1,5 @@
+"""`python -m elastic_moe`: the `elastic-moe` command line."""
+
+from serve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,489 @@
+"""The `elastic-moe` command line (also `python -m elastic_moe`): argparse and dispatch.
+
+Each subcommand lives in its own module and is imported only when it runs, so `--help` and
+argument errors are instant, and `XLA_FLAGS` (simulated CPU devices) is set before jax starts
+its backends.
+Exit codes: 0 ok, 1 failure (one line on stderr: `elastic-moe: error: ...`), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from serve.cli_common import ADMIN_TOKEN_ENV, CliError, simulate_devices
+
+PROG = "elastic-moe"
+
+DESCRIPTION = """\
+A mixture-of-experts inference runtime on JAX that keeps serving when devices die.
+On a machine without accelerators the devices are simulated CPU devices (--devices N)."""
+
+EPILOG = """\
+examples:
+  elastic-moe demo                                   fail devices under live traffic
+  elastic-moe serve --preset tiny-mixtral --devices 8 --redundant-experts 8
+  elastic-moe generate --server 127.0.0.1:50051 --prompt "Hello" --max-tokens 32
+  elastic-moe mesh status
+  elastic-moe mesh fail 3 --reason "ECC errors"
+run `elastic-moe COMMAND --help` for a command's options."""
+
+SERVE_EPILOG = """\
+examples:
+  elastic-moe serve --preset tiny-mixtral --devices 8 --redundant-experts 8
+  elastic-moe serve --checkpoint ./Mixtral-8x7B-v0.1 --port 50051 --admin-port 50052
+  elastic-moe serve --preset tiny-mixtral --port 0 --admin-port 0     (any free ports)
+The bound addresses are printed as:
+  serving generation on 127.0.0.1:PORT, admin on 127.0.0.1:PORT
+SIGTERM or Ctrl-C drains: no new requests, running ones finish (up to --drain-timeout)."""
+
+GENERATE_EPILOG = """\
+examples:
+  elastic-moe generate --server 127.0.0.1:50051 --prompt "Hello" --max-tokens 32
+  elastic-moe generate --preset tiny-mixtral --prompt-tokens 1,2,3,4,5 --max-tokens 32 --json
+  elastic-moe generate --preset tiny-mixtral --devices 8 --prompt-tokens 1,2,3,4,5 \\
+      --max-tokens 32 --json --inject-failure 5:3 --inject-failure 9:6 --inject-rejoin 20:3
+Offline (no --server) the engine runs in this process. --inject-failure STEP:DEVICE breaks
+DEVICE before engine step STEP (0 = the prefill step; each later step decodes one token): the
+step fails, detection finds the dead device and the mesh shrinks. --inject-rejoin STEP:DEVICE
+repairs it and brings it back before step STEP. The tokens must not change."""
+
+MESH_EPILOG = """\
+examples:
+  elastic-moe mesh status                 devices, expert slots, the last reconfiguration
+  elastic-moe mesh watch                  follow changes live (Ctrl-C to stop)
+  elastic-moe mesh fail 3 --reason maintenance
+  elastic-moe mesh fail 3 5 --dry-run     what would move, changing nothing
+  elastic-moe mesh rejoin 3 5
+  elastic-moe mesh rebalance
+  elastic-moe mesh status --admin 10.0.0.7:50052 --admin-token "$TOKEN" --json
+The admin token defaults to $ELASTIC_MOE_ADMIN_TOKEN."""
+
+DEMO_EPILOG = """\
+examples:
+  elastic-moe demo
+  elastic-moe demo --no-live             plain lines (CI logs)
+  elastic-moe demo --requests 24 --max-tokens 64
+Starts a server on simulated CPU devices, streams requests through the gRPC client, fails two
+devices and rejoins them, then checks every output against a failure-free run. Exits 0 only
+when no request was lost and every output is unchanged."""
+
+BENCH_EPILOG = """\
+examples:
+  elastic-moe bench --list
+  elastic-moe bench placement
+  elastic-moe bench load --size-mb 200
+  elastic-moe bench                       every benchmark, one after the other
+NAME runs benchmarks/bench_NAME.py (python -m benchmarks.bench_NAME ARGS...)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
+
+
+def _token_list(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token ids like 1,2,3, got {text!r}"
+        ) from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+def _step_device(text: str) -> tuple[int, int]:
+    step, sep, device = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        parsed = int(step), int(device)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEP:DEVICE like 5:3, got {text!r}") from None
+    if parsed[0] < 0 or parsed[1] < 0:
+        raise argparse.ArgumentTypeError(f"STEP and DEVICE must be >= 0, got {text!r}")
+    return parsed
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT like 127.0.0.1:50051, got {text!r}")
+    return text
+
+
+def _add_model_source(parser: argparse.ArgumentParser, required: bool) -> None:
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("--preset", metavar="NAME", help="a named model with random weights")
+    source.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a Hugging Face model directory (config.json + *.safetensors) or an orbax "
+        "checkpoint written by elastic-moe",
+    )
+
+
+def _add_engine_options(parser: argparse.ArgumentParser, devices_help: str) -> None:
+    parser.add_argument("--devices", type=_positive_int, metavar="N", help=devices_help)
+    parser.add_argument(
+        "--redundant-experts",
+        type=_non_negative_int,
+        metavar="R",
+        help="extra expert slots over the whole mesh; with R >= num_experts a device loss "
+        "needs no weight copy",
+    )
+    parser.add_argument(
+        "--request-slots-per-device",
+        type=_positive_int,
+        default=4,
+        metavar="B",
+        help="concurrent requests per device (default 4)",
+    )
+
+
+def _add_admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin",
+        type=_host_port,
+        default="127.0.0.1:50052",
+        metavar="HOST:PORT",
+        help="the server's Admin address (default 127.0.0.1:50052)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get(ADMIN_TOKEN_ENV) or None,
+        metavar="T",
+        help=f"bearer token for the Admin API (default ${ADMIN_TOKEN_ENV})",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="give up on the call after S s (default: 30 for status, 300 for operations)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # ---- serve --------------------------------------------------------------------------
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over gRPC (Generation + Admin)",
+        description="Serve a model over gRPC: Generation on --port, Admin on --admin-port.",
+        epilog=SERVE_EPILOG,
+        formatter_class=formatter,
+    )
+    _add_model_source(serve, required=True)
+    _add_engine_options(serve, "devices to serve on (default: every accelerator, or 8 CPU)")
+    serve.add_argument("--port", type=_port, default=50051, metavar="P", help="default 50051")
+    serve.add_argument("--admin-port", type=_port, default=50052, metavar="A", help="default 50052")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the Generation service binds (default 127.0.0.1; 0.0.0.0 for all)",
+    )
+    serve.add_argument(
+        "--admin-token",
+        default=os.environ.get(ADMIN_TOKEN_ENV) or None,
+        metavar="T",
+        help=f"require this bearer token on Admin calls (default ${ADMIN_TOKEN_ENV}); without "
+        "one the Admin API binds 127.0.0.1 only",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="M",
+        help="serve Prometheus /metrics on 127.0.0.1:M (default: off)",
+    )
+    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (with --tls-key)")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key (with --tls-cert)")
+    serve.add_argument(
+        "--no-standby",
+        action="store_true",
+        help="do not compile the programs of the single-failure meshes ahead of time",
+    )
+    serve.add_argument(
+        "--wait-standby",
+        action="store_true",
+        help="serve only once the single-failure meshes are compiled (default: they compile "
+        "in the background while serving)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM/Ctrl-C, how long running requests may take to finish (default 30)",
+    )
+    serve.add_argument("--json", action="store_true", help="print the bound addresses as JSON")
+
+    # ---- generate -----------------------------------------------------------------------
+    gen = commands.add_parser(
+        "generate",
+        help="generate from a prompt, on a server or offline",
+        description="Generate tokens from a prompt, through a server or offline in-process.",
+        epilog=GENERATE_EPILOG,
+        formatter_class=formatter,
+    )
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="prompt text (tokenized by the model)")
+    prompt.add_argument(
+        "--prompt-tokens", type=_token_list, metavar="1,2,3", help="prompt token ids"
+    )
+    gen.add_argument(
+        "--max-tokens", type=_positive_int, required=True, metavar="N", help="tokens to generate"
+    )
+    target = gen.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--server", type=_host_port, metavar="HOST:PORT", help="a running elastic-moe server"
+    )
+    target.add_argument("--preset", metavar="NAME", help="offline: a preset (random weights)")
+    target.add_argument("--checkpoint", metavar="DIR", help="offline: a model directory")
+    _add_engine_options(gen, "offline: devices to run on (default 8)")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"
+    )
+    gen.add_argument("--top-p", type=float, default=0.0, metavar="P", help="0 = off (default)")
+    gen.add_argument(
+        "--top-k", type=_non_negative_int, default=0, metavar="K", help="0 = off (default)"
+    )
+    gen.add_argument(
+        "--seed", type=_non_negative_int, default=0, metavar="S", help="sampling seed (default 0)"
+    )
+    gen.add_argument(
+        "--stop-token-ids", type=_token_list, default=[], metavar="1,2", help="stop on these"
+    )
+    gen.add_argument(
+        "--inject-failure",
+        type=_step_device,
+        action="append",
+        default=[],
+        metavar="STEP:DEVICE",
+        help="offline: break DEVICE before engine step STEP (repeatable)",
+    )
+    gen.add_argument(
+        "--inject-rejoin",
+        type=_step_device,
+        action="append",
+        default=[],
+        metavar="STEP:DEVICE",
+        help="offline: repair DEVICE and rejoin it before engine step STEP (repeatable)",
+    )
+    gen.add_argument("--timeout", type=float, metavar="S", help="--server: request deadline")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (token_ids, logprobs, text, finish_reason, epochs, ...)",
+    )
+    gen.add_argument("--tokens", action="store_true", help="stream token ids instead of text")
+
+    # ---- mesh ---------------------------------------------------------------------------
+    mesh = commands.add_parser(
+        "mesh",
+        help="inspect and change a server's device mesh (Admin API)",
+        description="Inspect and change a running server's device mesh through its Admin API.",
+        epilog=MESH_EPILOG,
+        formatter_class=formatter,
+    )
+    mesh_commands = mesh.add_subparsers(dest="mesh_command", metavar="ACTION", required=True)
+    status = mesh_commands.add_parser(
+        "status",
+        help="devices, expert slots, replicas and the last reconfiguration",
+        epilog="example: elastic-moe mesh status --json",
+        formatter_class=formatter,
+    )
+    _add_admin_options(status)
+    watch = mesh_commands.add_parser(
+        "watch",
+        help="follow the mesh live until Ctrl-C",
+        epilog="example: elastic-moe mesh watch    (--json prints one object per change)",
+        formatter_class=formatter,
+    )
+    _add_admin_options(watch)
+    fail = mesh_commands.add_parser(
+        "fail",
+        help="declare devices failed and reconfigure onto the survivors",
+        epilog='example: elastic-moe mesh fail 3 --reason "ECC errors" --op-id maint-42',
+        formatter_class=formatter,
+    )
+    fail.add_argument(
+        "device_ids", type=_non_negative_int, nargs="+", metavar="ID", help="device ids"
+    )
+    fail.add_argument("--reason", default="", help="recorded in the reconfiguration's cause")
+    fail.add_argument("--dry-run", action="store_true", help="plan only: change nothing")
+    fail.add_argument("--op-id", default="", help="repeating an op id repeats nothing")
+    _add_admin_options(fail)
+    rejoin = mesh_commands.add_parser(
+        "rejoin",
+        help="bring failed devices back into the mesh",
+        epilog="example: elastic-moe mesh rejoin 3 5",
+        formatter_class=formatter,
+    )
+    rejoin.add_argument(
+        "device_ids", type=_non_negative_int, nargs="+", metavar="ID", help="device ids"
+    )
+    rejoin.add_argument("--op-id", default="", help="repeating an op id repeats nothing")
+    _add_admin_options(rejoin)
+    rebalance = mesh_commands.add_parser(
+        "rebalance",
+        help="re-place experts by observed load, online",
+        epilog="example: elastic-moe mesh rebalance --json",
+        formatter_class=formatter,
+    )
+    rebalance.add_argument("--op-id", default="", help="repeating an op id repeats nothing")
+    _add_admin_options(rebalance)
+
+    # ---- demo ---------------------------------------------------------------------------
+    demo = commands.add_parser(
+        "demo",
+        help="fail devices under live traffic and show that nothing is lost",
+        description="The embedded demo (what `make demo` runs).",
+        epilog=DEMO_EPILOG,
+        formatter_class=formatter,
+    )
+    demo.add_argument("--devices", type=_positive_int, default=8, metavar="N", help="default 8")
+    demo.add_argument("--requests", type=_positive_int, default=12, metavar="N", help="default 12")
+    demo.add_argument(
+        "--max-tokens", type=_positive_int, default=48, metavar="N", help="default 48"
+    )
+    demo.add_argument("--preset", default="tiny-mixtral", metavar="NAME", help=argparse.SUPPRESS)
+    demo.add_argument(
+        "--step-ms",
+        type=float,
+        default=25.0,
+        metavar="MS",
+        help="pace engine steps to at least MS ms so that the traffic can be watched "
+        "(default 25; 0 = full speed)",
+    )
+    demo.add_argument(
+        "--standby-wait",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="wait at most S s for the standby compiles before the traffic starts (default 20)",
+    )
+    demo.add_argument("--no-live", action="store_true", help="plain lines, no live display")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    # ---- bench --------------------------------------------------------------------------
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmarks under benchmarks/",
+        description="Run a benchmark script: NAME runs benchmarks/bench_NAME.py.",
+        epilog=BENCH_EPILOG,
+        formatter_class=formatter,
+    )
+    bench.add_argument("name", nargs="?", metavar="NAME", help="decode, recovery, ...")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Combinations argparse cannot express; parser.error exits 2."""
+    if args.command == "generate" and args.server is not None:
+        for flag in ("inject_failure", "inject_rejoin"):
+            if getattr(args, flag):
+                parser.error(
+                    f"--{flag.replace('_', '-')} works offline only (--preset or --checkpoint); "
+                    "against a server use `elastic-moe mesh fail/rejoin`"
+                )
+    if args.command == "serve" and (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Simulated CPU devices must be configured before anything imports jax.
+    if args.command in ("serve", "demo") or (args.command == "generate" and not args.server):
+        simulate_devices(args.devices)
+    if args.command == "serve":
+        from serve.cli_serve import run_serve
+
+        return run_serve(args)
+    if args.command == "generate":
+        from serve.cli_generate import run_generate
+
+        return run_generate(args)
+    if args.command == "mesh":
+        from serve.cli_mesh import run_mesh
+
+        return run_mesh(args)
+    if args.command == "demo":
+        from serve.demo import run_demo
+
+        return run_demo(args)
+    if args.command == "bench":
+        from serve.cli_bench import run_bench
+
+        return run_bench(args)
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _check_args(parser, args)
+    try:
+        code = _run(args)
+    except CliError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # `elastic-moe ... | head`
+        sys.stderr.close()
+        code = 1
+    if argv is None:
+        _exit_without_waiting_for_standby(code)
+    return code
+
+
+def _exit_without_waiting_for_standby(code: int) -> None:
+    """Run as a program, don't wait at exit for a standby compile nobody will use (seconds)."""
+    import threading
+
+    if any(t.name.startswith("standby-compile") and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

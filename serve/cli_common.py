@@ -1,0 +1,242 @@
+"""What every `elastic-moe` subcommand shares: user errors, simulated devices, model loading,
+and how a reconfiguration is reported.
+
+Nothing here imports jax at module level: `XLA_FLAGS` must be set before the first jax import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+DEFAULT_CPU_DEVICES = 8
+ADMIN_TOKEN_ENV = "ELASTIC_MOE_ADMIN_TOKEN"
+
+# The fields of a Reconfiguration, in the order they are reported (proto and dataclass alike).
+RECONFIGURATION_FIELDS = (
+    "from_epoch",
+    "to_epoch",
+    "cause",
+    "pause_ms",
+    "detect_ms",
+    "plan_ms",
+    "transfer_ms",
+    "compile_ms",
+    "experts_copied",
+    "experts_restored_from_host",
+    "requests_reprefilled",
+)
+
+
+class CliError(Exception):
+    """A user error: main() prints `elastic-moe: error: <message>` and exits 1."""
+
+
+# ---- devices ------------------------------------------------------------------------------
+def simulate_devices(count: int | None) -> None:
+    """Lets the CPU platform show at least `count` devices (8 when None).
+
+    Must run before jax's backends start (XLA reads XLA_FLAGS then, not at import); appends to
+    any XLA_FLAGS already set and never lowers a larger count. On a machine with accelerators
+    this only adds host devices nobody uses.
+    """
+    if _backends_started():
+        return
+    wanted = count or DEFAULT_CPU_DEVICES
+    flags = os.environ.get("XLA_FLAGS", "")
+    found = re.search(rf"{DEVICE_COUNT_FLAG}=(\d+)", flags)
+    if found and int(found.group(1)) >= wanted:
+        return
+    if found:
+        flags = flags.replace(found.group(0), "")
+    os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={wanted}".strip()
+
+
+def _backends_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
+
+
+def pick_devices(count: int | None) -> list:
+    """The first `count` devices of the default backend (all accelerators, or 8 CPU devices)."""
+    import jax
+
+    devices = jax.devices()
+    if count is None:
+        count = len(devices) if devices[0].platform != "cpu" else DEFAULT_CPU_DEVICES
+    if count < 1:
+        raise CliError(f"--devices must be at least 1, got {count}")
+    if count > len(devices):
+        raise CliError(
+            f"--devices {count}: only {len(devices)} {devices[0].platform} devices are visible"
+            + (
+                f" (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})"
+                if devices[0].platform == "cpu"
+                else ""
+            )
+        )
+    return list(devices[:count])
+
+
+def enable_compilation_cache() -> None:
+    """The persistent XLA compilation cache, so that a second run skips compiles (best effort)."""
+    if os.environ.get("ELASTIC_MOE_NO_COMPILATION_CACHE"):
+        return
+    try:
+        from elastic_moe.executables import enable_persistent_cache
+
+        enable_persistent_cache()
+    except OSError:
+        pass
+
+
+# ---- models -------------------------------------------------------------------------------
+def check_model_source(preset: str | None, checkpoint: str | None) -> None:
+    """Fails fast (before jax is imported) on an unknown preset or a missing directory."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise CliError(f"checkpoint directory {checkpoint} does not exist")
+        if not path.is_dir():
+            raise CliError(f"--checkpoint {checkpoint} is not a directory")
+        return
+    from models.presets import PRESETS
+
+    if preset not in PRESETS:
+        raise CliError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+
+
+def load_model(preset: str | None, checkpoint: str | None, *, progress: bool = False):
+    """(config, host params, tokenizer) of a preset (random weights, seed 0) or a directory."""
+    check_model_source(preset, checkpoint)
+    if checkpoint is not None:
+        from elastic_moe.checkpoint import load_model_dir
+
+        try:
+            return load_model_dir(checkpoint, progress=progress)
+        except (ValueError, OSError) as error:
+            raise CliError(str(error)) from None
+    from models.params import init_params
+    from models.presets import get_preset
+    from models.tokenizer import load_tokenizer
+
+    cfg = get_preset(preset)
+    return cfg, init_params(cfg, seed=0), load_tokenizer(None, cfg.vocab_size)
+
+
+# ---- gRPC errors ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def rpc_errors(target: str) -> Iterator[None]:
+    """Turns a grpc.RpcError into a one-line CliError naming the server."""
+    import grpc
+
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise CliError(describe_rpc_error(error, target)) from None
+
+
+def describe_rpc_error(error: Any, target: str) -> str:
+    import grpc
+
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    details = (error.details() if callable(getattr(error, "details", None)) else "") or str(error)
+    details = " ".join(details.split())
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach {target}: {details}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{target} did not answer in time: {details}"
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return f"{target} refused the admin call ({code.name.lower()}): {details}"
+    return details if code is None else f"{details} ({code.name})"
+
+
+# ---- reporting ----------------------------------------------------------------------------
+def reconfiguration_dict(summary: Any) -> dict[str, Any]:
+    """A Reconfiguration (the runtime's dataclass, the proto message, or already a dict)."""
+    if isinstance(summary, dict):
+        return dict(summary)
+    if dataclasses.is_dataclass(summary):
+        return dataclasses.asdict(summary)
+    out = {name: getattr(summary, name) for name in RECONFIGURATION_FIELDS}
+    for extra in ("dry_run", "standby_hit"):
+        if hasattr(summary, extra):
+            out[extra] = getattr(summary, extra)
+    return out
+
+
+def reconfiguration_line(summary: Any) -> str:
+    """One line: epochs, cause, pause and where the time went, what moved."""
+    r = reconfiguration_dict(summary)
+    arrow = f"epoch {r['from_epoch']} -> {r['to_epoch']}"
+    if r.get("dry_run"):
+        arrow = f"dry run at epoch {r['from_epoch']}"
+    return (
+        f"{arrow}: {r['cause']}: pause {r['pause_ms']:.1f} ms (detect {r['detect_ms']:.1f}, "
+        f"plan {r['plan_ms']:.1f}, transfer {r['transfer_ms']:.1f}, compile "
+        f"{r['compile_ms']:.1f}); {r['experts_copied']} experts copied, "
+        f"{r['experts_restored_from_host']} restored from host, "
+        f"{r['requests_reprefilled']} requests re-prefilled"
+    )
+
+
+def reconfiguration_table(summary: Any, title: str = "reconfiguration"):
+    """A rich table of one reconfiguration's breakdown."""
+    from rich.table import Table
+
+    r = reconfiguration_dict(summary)
+    table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("epoch", f"{r['from_epoch']} -> {r['to_epoch']}")
+    table.add_row("cause", str(r["cause"]))
+    table.add_row("pause", f"{r['pause_ms']:.1f} ms")
+    for phase in ("detect", "plan", "transfer", "compile"):
+        table.add_row(f"  {phase}", f"{r[f'{phase}_ms']:.1f} ms")
+    table.add_row("experts copied", str(r["experts_copied"]))
+    table.add_row("experts restored from host", str(r["experts_restored_from_host"]))
+    table.add_row("requests re-prefilled", str(r["requests_reprefilled"]))
+    if "standby_hit" in r:
+        table.add_row("standby programs ready", "yes" if r["standby_hit"] else "no")
+    return table
+
+
+def make_console(stderr: bool = False):
+    """A rich Console; when writing to a pipe or file (logs) and $COLUMNS is not set, 160
+    columns wide instead of rich's 80, so that tables are not squeezed."""
+    from rich.console import Console
+
+    out = Console(stderr=stderr, highlight=False)
+    if not out.is_terminal and not os.environ.get("COLUMNS"):
+        out = Console(stderr=stderr, highlight=False, width=160)
+    return out
+
+
+def print_json(obj: Any) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(value: Any) -> Any:
+    import enum
+
+    if isinstance(value, enum.Enum):
+        return value.value
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
