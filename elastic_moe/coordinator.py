@@ -9,6 +9,7 @@ expert served is refused before anything changes. Operation ids make retries har
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Sequence
 
@@ -25,13 +26,24 @@ from elastic_moe.reconfiguration import (
     ReconfigurationRefused,
     UnknownDevice,
 )
-from mesh.placement import PlacementError, repair
+from mesh.placement import PlacementError, repair, survivors_only
 from mesh.transfer_plan import plan_transfers
 
 
 class Coordinator:
-    def __init__(self, engine: Engine, *, poison: bool = True, standby: bool = True):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        poison: bool = True,
+        standby: bool = True,
+        standby_delay_s: float = 0.5,
+    ):
+        """standby: compile the next likely meshes' programs in the background, starting
+        standby_delay_s after each change so the first steps of the new epoch run first."""
         self.engine = engine
+        self.standby_delay_s = standby_delay_s
+        self._standby_timer: threading.Timer | None = None
         self.poison_lost = poison
         self.standby = standby
         self.pool: dict[int, jax.Device] = {d.id: d for d in engine.mesh.devices}
@@ -62,7 +74,7 @@ class Coordinator:
             raise ReconfigurationRefused(f"devices {not_serving} are not in the serving mesh")
         survivors = [i for i in current if i not in lost]
         cause = f"fail {sorted(lost)}" + (f": {reason}" if reason else "")
-        result = self._reconfigure(survivors, cause, dry_run, detect_ms)
+        result = self._reconfigure(survivors, cause, dry_run, detect_ms, fast_path=True)
         if not dry_run:
             for i in lost:
                 self.states[i] = DeviceState.FAILED
@@ -106,7 +118,10 @@ class Coordinator:
         dry_run: bool = False,
         detect_ms: float = 0.0,
         load: np.ndarray | None = None,
+        fast_path: bool = False,
     ) -> Reconfiguration:
+        """fast_path: keep the survivors' slots as they are when they still hold every expert
+        (no copy on the critical path of a failure; a rebalance restores redundancy later)."""
         engine = self.engine
         old = engine.mesh
         started = time.perf_counter()
@@ -117,7 +132,11 @@ class Coordinator:
         if load is None:
             load = np.maximum(self.observed_load(), 1e-3)
         try:
-            placement = repair(old.placement, keep, load, max_replicas)
+            placement = None
+            if fast_path:
+                placement = survivors_only(old.placement, keep, max_replicas)
+            if placement is None:
+                placement = repair(old.placement, keep, load, max_replicas)
         except PlacementError as e:
             raise ReconfigurationRefused(
                 f"{cause} refused: {len(new_ids)} devices x {old.geometry.expert_slots_per_device}"
@@ -150,7 +169,11 @@ class Coordinator:
         result.pause_ms = detect_ms + 1000 * (time.perf_counter() - started)
         self.history.append(result)
         if self.standby:
-            self.warm_standby()
+            if self._standby_timer is not None:
+                self._standby_timer.cancel()
+            self._standby_timer = threading.Timer(self.standby_delay_s, self.warm_standby)
+            self._standby_timer.daemon = True
+            self._standby_timer.start()
         return result
 
     def _known(self, device_ids: Iterable[int]) -> list[int]:
@@ -170,10 +193,15 @@ class Coordinator:
         return result
 
     def warm_standby(self) -> None:
-        """Compiles, in the background, the programs for every single-failure mesh."""
+        """Compiles, in the background, the programs for the current mesh (its transfer
+        programs), for every mesh one more failure would leave, and for the mesh a rejoin of
+        every failed device would bring back."""
         engine = self.engine
         lengths = sorted(engine.prefill_lengths_seen) or [engine.options.min_prefill_bucket]
-        engine.executables.warm_standby(engine.mesh.devices, lengths, engine.min_devices)
+        current = list(engine.mesh.devices)
+        full = [self.pool[i] for i in sorted(self.pool)]
+        extra = [current] + ([full] if len(full) != len(current) else [])
+        engine.executables.warm_standby(current, lengths, engine.min_devices, also=extra)
 
     # ---- reporting ----------------------------------------------------------------------
     def observed_load(self) -> np.ndarray:

@@ -42,6 +42,21 @@ class EngineOptions:
     prefill_rows_per_device: int = 1
     redundant_experts: int = 0  # extra expert slots over the whole mesh, beyond num_experts
     min_prefill_bucket: int = 16
+    # "primary": every token uses an expert's first live replica, so a decode step reads each
+    # expert's weights once and redundancy costs no bandwidth; "spread": tokens are spread
+    # over all replicas (balances compute in large prefill batches, reads every replica).
+    replica_routing: str = "primary"
+
+    def __post_init__(self) -> None:
+        if self.replica_routing not in ("primary", "spread"):
+            raise ValueError(
+                f"replica_routing must be 'primary' or 'spread', got {self.replica_routing!r}"
+            )
+        for name in ("request_slots_per_device", "prefill_rows_per_device", "min_prefill_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
 
 
 def prefill_bucket(length: int, minimum: int, maximum: int) -> int:
@@ -215,6 +230,8 @@ class Engine:
                 continue
             slot = next(s for s in self.slots_of_device(position) if self.slot_owner[s] is None)
             self.slot_owner[slot] = request.request_id
+            if request.admitted_at is None:
+                request.admitted_at = time.monotonic()
             local = slot - position * self.options.request_slots_per_device
             rows.append((position * per_dev + used[position], local, request))
             used[position] += 1

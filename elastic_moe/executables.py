@@ -87,16 +87,20 @@ class ExecutableCache:
         return entry is not None and entry.programs.compiled_count > 0
 
     def warm_standby(
-        self, devices: Sequence[jax.Device], prefill_lengths: Sequence[int], min_devices: int
+        self,
+        devices: Sequence[jax.Device],
+        prefill_lengths: Sequence[int],
+        min_devices: int,
+        also: Sequence[Sequence[jax.Device]] = (),
     ) -> list[Future]:
-        """Compiles, in the background, the programs of every mesh one failure would leave."""
-        futures = []
-        if len(devices) - 1 < min_devices:
-            return futures
-        for lost in range(len(devices)):
-            survivors = [d for i, d in enumerate(devices) if i != lost]
-            entry = self.get(survivors)
-            futures.append(self._pool.submit(entry.warm, prefill_lengths))
+        """Compiles, in the background, the programs of the meshes in `also` and of every mesh
+        one failure of `devices` would leave (those too small to hold the experts excepted)."""
+        meshes = [list(m) for m in also]
+        if len(devices) - 1 >= min_devices:
+            meshes += [
+                [d for i, d in enumerate(devices) if i != lost] for lost in range(len(devices))
+            ]
+        futures = [self._pool.submit(self.get(m).warm, prefill_lengths) for m in meshes]
         self._pending = futures
         return futures
 

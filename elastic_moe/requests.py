@@ -61,6 +61,7 @@ class Request:
     reprefills: int = 0
     finish_reason: FinishReason | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # first given a request slot (prefilled)
     first_token_at: float | None = None
 
     def __post_init__(self) -> None:

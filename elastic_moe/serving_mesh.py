@@ -20,7 +20,7 @@ import numpy as np
 from elastic_moe.deployment import place_params
 from elastic_moe.executables import ExecutableCache, MeshExecutables
 from elastic_moe.steps import StepGeometry, StepOutput
-from mesh.placement import Placement, place
+from mesh.placement import Placement, place, primary_first
 from mesh.reshard import poison, reassemble
 from mesh.transfer_plan import TransferPlan, schedule_rounds
 from models.config import ModelConfig
@@ -55,6 +55,7 @@ class ServingMesh:
     cache: list
     placement: Placement
     epoch: int = 0
+    replica_routing: str = "primary"
     tables: tuple[jax.Array, jax.Array] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +84,16 @@ class ServingMesh:
         cache = jax.device_put(
             empty_cache(cfg, geometry.num_request_slots), programs.cache_shardings
         )
-        return cls(cfg, devices, entry, geometry, params, cache, placement)
+        return cls(
+            cfg,
+            devices,
+            entry,
+            geometry,
+            params,
+            cache,
+            placement,
+            replica_routing=options.replica_routing,
+        )
 
     # ---- running the programs ---------------------------------------------------------
     @property
@@ -92,9 +102,14 @@ class ServingMesh:
 
     def _upload_tables(self) -> None:
         replicated = self.programs.replicated
+        log2phy = self.placement.log2phy
+        counts = self.placement.replica_count.astype(np.int32)
+        if self.replica_routing == "primary":
+            log2phy = primary_first(self.placement)  # column 0 balanced over devices
+            counts = np.minimum(counts, 1)
         self.tables = (
-            jax.device_put(self.placement.log2phy.astype(np.int32), replicated),
-            jax.device_put(self.placement.replica_count.astype(np.int32), replicated),
+            jax.device_put(log2phy.astype(np.int32), replicated),
+            jax.device_put(counts, replicated),
         )
 
     def set_placement(self, placement: Placement) -> None:
@@ -171,6 +186,7 @@ class ServingMesh:
             cache,
             new_placement,
             self.epoch + 1,
+            self.replica_routing,
         )
         return moved, stats
 

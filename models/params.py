@@ -74,3 +74,26 @@ def iter_expert_paths(cfg: ModelConfig) -> Iterator[tuple[int, int, str]]:
 def is_expert_path(path: tuple) -> bool:
     keys = [getattr(p, "key", getattr(p, "name", p)) for p in path]
     return "experts" in keys
+
+
+def synthetic_params(cfg: ModelConfig, seed: int = 0, block: int = 1 << 20) -> Params:
+    """Random-looking logical parameters made fast, for timing real shapes only: one block of
+    normal(0, 0.02) values tiled over every array (norm scales are ones). Their outputs are
+    noise; use init_params for a model whose numbers matter."""
+    rng = np.random.default_rng(seed)
+    tile = rng.normal(0.0, 0.02, size=block).astype(np.float32)
+    tiles: dict = {}
+
+    def fill(path, leaf):
+        keys = [getattr(p, "key", p) for p in path]
+        if keys[-1] == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        typed = tiles.setdefault(leaf.dtype, tile.astype(leaf.dtype))
+        out = np.empty(leaf.shape, leaf.dtype)
+        flat = out.reshape(-1)
+        for start in range(0, flat.size, block):
+            chunk = flat[start : start + block]
+            chunk[...] = typed[: chunk.size]
+        return out
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_params(cfg))

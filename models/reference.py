@@ -22,10 +22,11 @@ def identity_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def forward_logits(
-    cfg: ModelConfig, params: Params, tokens: Int[Array, "b c"]
+    cfg: ModelConfig, params: Params, tokens: Int[Array | np.ndarray, "b c"]
 ) -> Float[Array, "b c vocab"]:
     """Logits of every position of every sequence, computed on one device in one pass."""
     tokens = jnp.asarray(tokens, jnp.int32)
+    params = jax.tree.map(jnp.asarray, params)
     b, c = tokens.shape
     if c > cfg.max_seq_len:
         raise ValueError(f"sequence of {c} tokens exceeds max_seq_len {cfg.max_seq_len}")

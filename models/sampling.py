@@ -42,7 +42,13 @@ def sample(
     step: Int[Array, " b"],
 ) -> tuple[Int[Array, " b"], Float[Array, " b"]]:
     """Next token of each row and its log-probability under the model (temperature 1)."""
-    sampled = jax.vmap(_sample_row)(logits, temperature, top_k, top_p, seed, step)
-    tokens = jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def with_sampling() -> Int[Array, " b"]:
+        sampled = jax.vmap(_sample_row)(logits, temperature, top_k, top_p, seed, step)
+        return jnp.where(temperature <= 0, greedy, sampled.astype(jnp.int32))
+
+    # Sorting the vocabulary for every row is costly: skip it when no row samples.
+    tokens = jax.lax.cond(jnp.any(temperature > 0), with_sampling, lambda: greedy)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,203 @@
+"""Decode throughput and step time on N devices, against the HBM roofline.
+
+  python benchmarks/bench_decode.py --preset tiny-mixtral --devices 8            # CPU
+  python benchmarks/bench_decode.py --preset qwen3-30b-a3b --devices 4 --layers 12 \
+      --batch-per-device 16 --max-seq-len 1024 --variants all                     # GPU
+
+Variants (side by side, one process): redundancy 0 vs R = num_experts (primary and spread
+replica routing) — the static cost of elasticity — and the same engine after losing one
+device (throughput kept vs the ideal (N-1)/N). Real shapes get tiled random weights
+(models.params.synthetic_params): the numbers are for timing only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="tiny-mixtral")
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--layers", type=int, default=0, help="override num_layers (0 = preset's)")
+    p.add_argument("--batch-per-device", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=0, help="override (sizes the KV cache)")
+    p.add_argument("--context", type=int, default=128, help="prompt length of each request")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--variants", default="basic", choices=["basic", "all"])
+    p.add_argument("--hbm-gbs", type=float, default=3000.0, help="measured HBM GB/s (H100)")
+    p.add_argument("--json", default="", help="write the results here too")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse()
+    if "cpu" in os.environ.get("JAX_PLATFORMS", "") or not _has_gpu():
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    import jax
+    import numpy as np
+
+    from elastic_moe import Engine, EngineOptions, Request
+    from elastic_moe.coordinator import Coordinator
+    from models.params import init_params, synthetic_params
+    from models.presets import get_preset
+
+    cfg = get_preset(args.preset)
+    changes = {}
+    if args.layers:
+        changes["num_layers"] = args.layers
+    if args.max_seq_len:
+        changes["max_seq_len"] = args.max_seq_len
+    cfg = cfg.replace(**changes)
+    tiny = cfg.d_model < 512
+    t0 = time.perf_counter()
+    params = init_params(cfg) if tiny else synthetic_params(cfg)
+    print(f"# params ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    devices = jax.devices()[: args.devices]
+    print(f"# {cfg.name} x{cfg.num_layers} layers on {len(devices)} x {devices[0].device_kind}")
+
+    def run_variant(name, redundant, routing, lose_one=False):
+        options = EngineOptions(
+            request_slots_per_device=args.batch_per_device,
+            redundant_experts=redundant,
+            replica_routing=routing,
+        )
+        engine = Engine(cfg, params, devices, options)
+        rows = [measure(engine, f"{name}")]
+        if lose_one:
+            coordinator = Coordinator(engine, standby=False)
+            coordinator.fail([devices[-1].id])
+            rows.append(measure(engine, f"{name}, 1 device lost"))
+        del engine
+        return rows
+
+    def measure(engine, name):
+        rng = np.random.default_rng(0)
+        b = engine.mesh.geometry.num_request_slots
+        max_tokens = args.steps * 3 + 8
+        for _ in range(b):
+            prompt = rng.integers(0, cfg.vocab_size, size=args.context).tolist()
+            engine.submit(Request(prompt, max_tokens=max_tokens))
+        while engine.waiting:  # prefill everyone first
+            engine.step()
+        mesh = engine.mesh
+        tokens = np.zeros((b,), np.int32)
+        positions = np.full((b,), args.context, np.int32)
+        sampling = engine._sampling([None] * b)
+        out = mesh.decode(tokens, positions, sampling)
+        jax.block_until_ready(out.tokens)
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            out = mesh.decode(tokens, positions, sampling)
+            jax.block_until_ready(out.tokens)
+            times.append(time.perf_counter() - start)
+        device_ms = 1000 * float(np.median(times))
+        start = time.perf_counter()
+        produced = 0
+        for _ in range(args.steps):
+            produced += len(engine.step())
+        engine_s = time.perf_counter() - start
+        for rid in list(engine.running) + list(engine.waiting):
+            engine.abort(rid)
+        floor_ms = roofline_ms(cfg, engine, args.hbm_gbs)
+        return dict(
+            variant=name,
+            devices=len(engine.mesh.devices),
+            batch=b,
+            step_ms=device_ms,
+            tokens_per_s=b / (device_ms / 1000),
+            engine_tokens_per_s=produced / engine_s,
+            floor_ms=floor_ms,
+            roofline_pct=100 * floor_ms / device_ms,
+        )
+
+    results = run_variant("R=0", 0, "primary")
+    if args.variants == "all":
+        e = cfg.num_experts
+        results += run_variant(f"R={e} primary", e, "primary", lose_one=True)
+        results += run_variant(f"R={e} spread", e, "spread")
+    print_table(results)
+    if args.variants == "all":
+        base, red, lost = results[0], results[1], results[2]
+        n = red["devices"]
+        print(
+            f"static cost of redundancy (R={cfg.num_experts}, primary routing): "
+            f"{100 * (1 - red['tokens_per_s'] / base['tokens_per_s']):.1f}% of decode tokens/s"
+        )
+        kept = lost["tokens_per_s"] / red["tokens_per_s"]
+        print(
+            f"after losing 1 of {n}: {kept:.3f} of before (ideal {(n - 1) / n:.3f}, "
+            f"target >= {0.95 * (n - 1) / n:.3f})"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(config=cfg.name, layers=cfg.num_layers, results=results), f, indent=1)
+    return 0
+
+
+def roofline_ms(cfg, engine, hbm_gbs: float) -> float:
+    """Fewest bytes one device must read per decode step, over HBM bandwidth: replicated dense
+    weights, its expert slots that tokens touch, and the KV cache it attends over (the whole
+    max_seq_len window: the attention reads it all)."""
+    import jax
+    import numpy as np
+
+    from models.params import abstract_params
+
+    itemsize = np.dtype(cfg.dtype).itemsize
+    dense = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg)):
+        keys = [getattr(p, "key", p) for p in path]
+        if "experts" in keys or keys[0] == "embed":
+            continue
+        dense += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+    dense += engine.mesh.geometry.request_slots_per_device * cfg.d_model * itemsize  # embed rows
+    geometry = engine.mesh.geometry
+    b = geometry.num_request_slots
+    # Slots a step reads: each expert's primary replica (primary routing) or every slot.
+    slots = (
+        cfg.num_experts
+        if engine.options.replica_routing == "primary"
+        else geometry.num_expert_slots
+    )
+    touched = 1 - (1 - cfg.experts_per_token / cfg.num_experts) ** b
+    experts_per_device = slots * touched / geometry.num_devices
+    expert_bytes = cfg.expert_bytes() * experts_per_device * cfg.num_moe_layers
+    kv = (
+        geometry.request_slots_per_device
+        * cfg.max_seq_len
+        * cfg.num_kv_heads
+        * (cfg.key_head_dim + cfg.value_head_dim)
+        * itemsize
+        * cfg.num_layers
+    )
+    return 1000 * (dense + expert_bytes + kv) / (hbm_gbs * 1e9)
+
+
+def print_table(rows) -> None:
+    head = (
+        f"{'variant':28s} {'dev':>3s} {'batch':>5s} {'step ms':>8s} {'tok/s':>9s} "
+        f"{'engine tok/s':>12s} {'floor ms':>8s} {'% roofline':>10s}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['variant']:28s} {r['devices']:3d} {r['batch']:5d} {r['step_ms']:8.2f} "
+            f"{r['tokens_per_s']:9.0f} {r['engine_tokens_per_s']:12.0f} {r['floor_ms']:8.3f} "
+            f"{r['roofline_pct']:9.1f}%"
+        )
+
+
+def _has_gpu() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Recovery after one device loss: the pause and its breakdown, cold and with standby
+executables, and the same recovery as a ratio to a full restart measured in the same run.
+
+  python benchmarks/bench_recovery.py --preset tiny-mixtral --devices 8                  # CPU
+  python benchmarks/bench_recovery.py --preset qwen3-30b-a3b --devices 4 --layers 12     # GPU
+
+pause_ms is the coordinator's (plan + move + switch); first_step_ms adds the first decode step
+on the new mesh (which re-prefills the lost device's requests). The full restart is a new
+process that makes the weights (tiled random, in host memory: no disk read, so the restart
+figure is a lower bound), deploys them, compiles and serves a first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="tiny-mixtral")
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--layers", type=int, default=0)
+    p.add_argument("--max-seq-len", type=int, default=0)
+    p.add_argument("--batch-per-device", type=int, default=4)
+    p.add_argument("--redundant-experts", type=int, default=-1, help="-1 = num_experts")
+    p.add_argument("--restart-only", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def setup(args):
+    if not (os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia")):
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    import jax
+
+    from models.params import init_params, synthetic_params
+    from models.presets import get_preset
+
+    cfg = get_preset(args.preset)
+    changes = {}
+    if args.layers:
+        changes["num_layers"] = args.layers
+    if args.max_seq_len:
+        changes["max_seq_len"] = args.max_seq_len
+    cfg = cfg.replace(**changes)
+    params = init_params(cfg) if cfg.d_model < 512 else synthetic_params(cfg)
+    return jax, cfg, params, jax.devices()[: args.devices]
+
+
+def engine_for(cfg, params, devices, args):
+    from elastic_moe import Engine, EngineOptions
+
+    redundant = cfg.num_experts if args.redundant_experts < 0 else args.redundant_experts
+    options = EngineOptions(
+        request_slots_per_device=args.batch_per_device, redundant_experts=redundant
+    )
+    return Engine(cfg, params, devices, options)
+
+
+def load(engine, cfg, n, seed=0):
+    import numpy as np
+
+    from elastic_moe import Request
+
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        prompt = rng.integers(0, cfg.vocab_size, size=24).tolist()
+        engine.submit(Request(prompt, max_tokens=64))
+
+
+def restart(args) -> None:
+    """The full-restart path, timed inside a new process (printed as one line)."""
+    start = time.perf_counter()
+    jax, cfg, params, devices = setup(args)
+    engine = engine_for(cfg, params, devices, args)
+    load(engine, cfg, engine.mesh.geometry.num_request_slots)
+    engine.step()
+    engine.step()
+    jax.block_until_ready(engine.mesh.cache)
+    print(f"RESTART_S {time.perf_counter() - start:.3f}")
+
+
+def recover(args, standby: bool) -> dict:
+    from elastic_moe.coordinator import Coordinator
+
+    jax, cfg, params, devices = CONTEXT
+    engine = engine_for(cfg, params, devices, args)
+    coordinator = Coordinator(engine, standby=False)
+    load(engine, cfg, engine.mesh.geometry.num_request_slots)
+    for _ in range(3):
+        engine.step()
+    if standby:
+        engine.prefill_lengths_seen.update({32, 64, 128})
+        coordinator.warm_standby()
+        engine.executables.wait_standby()
+    lost = devices[len(devices) // 2].id
+    start = time.perf_counter()
+    result = coordinator.fail([lost])
+    engine.step()
+    jax.block_until_ready(engine.mesh.cache)
+    first_step_ms = 1000 * (time.perf_counter() - start)
+    engine.executables.shutdown()
+    return dict(result.__dict__, first_step_ms=first_step_ms)
+
+
+CONTEXT = None
+
+
+def main() -> int:
+    global CONTEXT
+    args = parse()
+    if args.restart_only:
+        restart(args)
+        return 0
+    CONTEXT = setup(args)
+    _, cfg, _, devices = CONTEXT
+    print(f"# {cfg.name} x{cfg.num_layers} layers on {len(devices)} x {devices[0].device_kind}")
+    rows = [("cold (no standby)", recover(args, False)), ("standby", recover(args, True))]
+    command = [sys.executable, os.path.abspath(__file__), "--restart-only"] + sys.argv[1:]
+    started = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ)
+    wall = time.perf_counter() - started
+    inner = float(
+        next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("RESTART_S"))
+    )
+    restart_ms = 1000 * wall
+    keys = [
+        "pause_ms",
+        "first_step_ms",
+        "plan_ms",
+        "transfer_ms",
+        "compile_ms",
+        "experts_copied",
+        "requests_reprefilled",
+    ]
+    print(f"{'recovery':20s} " + " ".join(f"{k:>20s}" for k in keys) + f" {'restart / this':>14s}")
+    for name, row in rows:
+        values = " ".join(f"{row[k]:20.1f}" for k in keys)
+        print(f"{name:20s} {values} {restart_ms / row['first_step_ms']:13.1f}x")
+    print(
+        f"full restart: {restart_ms:.0f} ms wall (process start to first served step; "
+        f"{1000 * inner:.0f} ms inside the process)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
