@@ -41,6 +41,9 @@ format: $(STAMP)
 proto: $(STAMP)
 	$(PY) -m serve.proto.generate
 
+notebooks: $(STAMP)
+	$(PY) -m pytest -q tests/test_notebooks.py
+
 bench: $(STAMP)
 	$(VENV)/bin/elastic-moe bench
 
