@@ -263,6 +263,16 @@ def load_model_dir(
     return cfg, params, load_tokenizer(directory, cfg.vocab_size)
 
 
+TRAINED_DIR = Path(__file__).resolve().parent.parent / "models" / "trained"
+
+
+def trained_models() -> list[str]:
+    """Names of the checkpoints trained by the project and shipped in models/trained/."""
+    if not TRAINED_DIR.is_dir():
+        return []
+    return sorted(p.parent.name for p in TRAINED_DIR.glob("*/elastic_moe.json"))
+
+
 def load_model(preset_or_path: str | os.PathLike) -> tuple[ModelConfig, Params, Tokenizer]:
     """A preset name (random weights, seed 0, byte tokenizer) or a model directory."""
     if str(preset_or_path) in PRESETS and not Path(preset_or_path).exists():
@@ -270,7 +280,10 @@ def load_model(preset_or_path: str | os.PathLike) -> tuple[ModelConfig, Params, 
         return cfg, init_params(cfg, seed=0), ByteTokenizer(cfg.vocab_size)
     if Path(preset_or_path).is_dir():
         return load_model_dir(preset_or_path)
-    known = ", ".join(sorted(PRESETS))
+    shipped = TRAINED_DIR / str(preset_or_path)
+    if (shipped / "elastic_moe.json").exists():
+        return load_model_dir(shipped)
+    known = ", ".join(sorted(PRESETS) + trained_models())
     raise CheckpointError(
         f"{preset_or_path!r} is neither a directory nor a preset; presets: {known}"
     )

@@ -160,7 +160,10 @@ class Coordinator:
         new_devices = [self.pool[i] for i in new_ids]
         result.standby_hit = engine.executables.is_warm(new_devices)
         if self.poison_lost and lost_positions:
+            # Part of simulating the loss, not of recovering from it: kept out of the pause.
+            poison_started = time.perf_counter()
             old.poison(lost_positions)
+            started += time.perf_counter() - poison_started
         new_mesh, stats = old.moved_to(
             new_devices, keep, placement, plan, engine.host_params, engine.executables
         )

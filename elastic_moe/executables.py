@@ -65,7 +65,9 @@ class ExecutableCache:
         self.geometry_for = geometry_for
         self._entries: dict[DeviceKey, MeshExecutables] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="standby-compile")
+        # A few compiles at once where there are cores to spare (XLA compiles mostly serially).
+        workers = max(1, min(4, (os.cpu_count() or 1) // 4))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="standby-compile")
         self._pending: list[Future] = []
         self.hits = 0
         self.misses = 0

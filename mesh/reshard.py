@@ -6,6 +6,7 @@ All arrays here split their leading axis over the one mesh axis (`EXPERT_AXIS`).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 
@@ -23,9 +24,16 @@ def _mesh_devices(array: jax.Array) -> list[jax.Device]:
     return list(array.sharding.mesh.devices.flat)
 
 
+@functools.cache
+def _device_filler(shape: tuple[int, ...], dtype, value: float, device: jax.Device):
+    """A compiled program that fills a buffer on the device itself (no host-to-device copy)."""
+    return jax.jit(
+        lambda: jnp.full(shape, value, dtype), out_shardings=SingleDeviceSharding(device)
+    )
+
+
 def _device_zeros(shape: tuple[int, ...], dtype, device: jax.Device) -> jax.Array:
-    """Zeros allocated on the device itself (no host-to-device copy)."""
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=SingleDeviceSharding(device))()
+    return _device_filler(tuple(shape), jnp.dtype(dtype), 0.0, device)()
 
 
 def reassemble(
@@ -73,9 +81,10 @@ def poison(array: jax.Array, lost_positions: Sequence[int]) -> jax.Array:
     by_device = {}
     for shard in array.addressable_shards:  # read once: deleting a buffer retires `array`
         if shard.device in lost:
-            nan = np.full(shard.data.shape, np.nan, dtype=shard.data.dtype)
+            shape, dtype = tuple(shard.data.shape), jnp.dtype(shard.data.dtype)
             shard.data.delete()
-            by_device[shard.device] = jax.device_put(nan, shard.device)
+            fill = np.nan if jnp.issubdtype(dtype, jnp.floating) else -1
+            by_device[shard.device] = _device_filler(shape, dtype, fill, shard.device)()
         else:
             by_device[shard.device] = shard.data
     ordered = [by_device[d] for d in devices]

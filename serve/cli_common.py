@@ -113,10 +113,12 @@ def check_model_source(preset: str | None, checkpoint: str | None) -> None:
         if not path.is_dir():
             raise CliError(f"--checkpoint {checkpoint} is not a directory")
         return
+    from elastic_moe.checkpoint import trained_models
     from models.presets import PRESETS
 
-    if preset not in PRESETS:
-        raise CliError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    known = list(PRESETS) + trained_models()
+    if preset not in known:
+        raise CliError(f"unknown preset {preset!r}; known presets: {', '.join(known)}")
 
 
 def load_model(preset: str | None, checkpoint: str | None, *, progress: bool = False):
@@ -129,12 +131,10 @@ def load_model(preset: str | None, checkpoint: str | None, *, progress: bool = F
             return load_model_dir(checkpoint, progress=progress)
         except (ValueError, OSError) as error:
             raise CliError(str(error)) from None
-    from models.params import init_params
-    from models.presets import get_preset
-    from models.tokenizer import load_tokenizer
+    from elastic_moe.checkpoint import load_model as load_named
 
-    cfg = get_preset(preset)
-    return cfg, init_params(cfg, seed=0), load_tokenizer(None, cfg.vocab_size)
+    # A preset (random weights, seed 0, byte tokenizer) or a model the project trained.
+    return load_named(preset)
 
 
 # ---- gRPC errors ----------------------------------------------------------------------------
