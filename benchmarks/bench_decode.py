@@ -18,6 +18,9 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import model_to_time, simulate_devices_unless_gpu  # noqa: E402
+
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -36,27 +39,15 @@ def parse() -> argparse.Namespace:
 
 def main() -> int:
     args = parse()
-    if "cpu" in os.environ.get("JAX_PLATFORMS", "") or not _has_gpu():
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    simulate_devices_unless_gpu(args.devices)
     import jax
     import numpy as np
 
     from elastic_moe import Engine, EngineOptions, Request
     from elastic_moe.coordinator import Coordinator
-    from models.params import init_params, synthetic_params
-    from models.presets import get_preset
 
-    cfg = get_preset(args.preset)
-    changes = {}
-    if args.layers:
-        changes["num_layers"] = args.layers
-    if args.max_seq_len:
-        changes["max_seq_len"] = args.max_seq_len
-    cfg = cfg.replace(**changes)
-    tiny = cfg.d_model < 512
     t0 = time.perf_counter()
-    params = init_params(cfg) if tiny else synthetic_params(cfg)
+    cfg, params = model_to_time(args.preset, args.layers, args.max_seq_len)
     print(f"# params ready in {time.perf_counter() - t0:.1f} s", flush=True)
     devices = jax.devices()[: args.devices]
     print(f"# {cfg.name} x{cfg.num_layers} layers on {len(devices)} x {devices[0].device_kind}")
@@ -193,10 +184,6 @@ def print_table(rows) -> None:
             f"{r['tokens_per_s']:9.0f} {r['engine_tokens_per_s']:12.0f} {r['floor_ms']:8.3f} "
             f"{r['roofline_pct']:9.1f}%"
         )
-
-
-def _has_gpu() -> bool:
-    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import model_to_time, simulate_devices_unless_gpu  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -34,22 +36,10 @@ def parse() -> argparse.Namespace:
 
 
 def setup(args):
-    if not (os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia")):
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    simulate_devices_unless_gpu(args.devices)
     import jax
 
-    from models.params import init_params, synthetic_params
-    from models.presets import get_preset
-
-    cfg = get_preset(args.preset)
-    changes = {}
-    if args.layers:
-        changes["num_layers"] = args.layers
-    if args.max_seq_len:
-        changes["max_seq_len"] = args.max_seq_len
-    cfg = cfg.replace(**changes)
-    params = init_params(cfg) if cfg.d_model < 512 else synthetic_params(cfg)
+    cfg, params = model_to_time(args.preset, args.layers, args.max_seq_len)
     return jax, cfg, params, jax.devices()[: args.devices]
 
 

@@ -137,6 +137,19 @@ def load_model(preset: str | None, checkpoint: str | None, *, progress: bool = F
     return load_named(preset)
 
 
+def build_engine(cfg, params, devices, *, request_slots_per_device: int, redundant: int):
+    """An Engine, or a one-line CliError when the model cannot be deployed on these devices."""
+    from elastic_moe import Engine, EngineOptions
+
+    options = EngineOptions(
+        request_slots_per_device=request_slots_per_device, redundant_experts=redundant
+    )
+    try:
+        return Engine(cfg, params, devices, options)
+    except ValueError as error:
+        raise CliError(f"cannot deploy {cfg.name} on {len(devices)} devices: {error}") from None
+
+
 # ---- gRPC errors ----------------------------------------------------------------------------
 @contextlib.contextmanager
 def rpc_errors(target: str) -> Iterator[None]:

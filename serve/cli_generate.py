@@ -15,6 +15,7 @@ from typing import Any
 
 from serve.cli_common import (
     CliError,
+    build_engine,
     check_model_source,
     enable_compilation_cache,
     load_model,
@@ -102,7 +103,6 @@ def _run_offline(args: argparse.Namespace) -> int:
     check_model_source(args.preset, args.checkpoint)
     enable_compilation_cache()
     from elastic_moe.coordinator import Coordinator
-    from elastic_moe.engine import Engine, EngineOptions
     from elastic_moe.faults import FaultInjector, GuardedStepper
     from elastic_moe.reconfiguration import ReconfigurationRefused, UnknownDevice
     from elastic_moe.requests import Request, RequestError, SamplingParams
@@ -124,13 +124,13 @@ def _run_offline(args: argparse.Namespace) -> int:
     except RequestError as error:
         raise CliError(str(error)) from None
 
-    options = EngineOptions(
-        request_slots_per_device=args.request_slots_per_device, redundant_experts=redundant
+    engine = build_engine(
+        cfg,
+        params,
+        devices,
+        request_slots_per_device=args.request_slots_per_device,
+        redundant=redundant,
     )
-    try:
-        engine = Engine(cfg, params, devices, options)
-    except ValueError as error:
-        raise CliError(f"cannot deploy {cfg.name} on {len(devices)} devices: {error}") from None
     coordinator = Coordinator(engine, standby=False)
     injector = FaultInjector()
     stepper = GuardedStepper(coordinator, injector)

@@ -21,6 +21,7 @@ from typing import Any
 
 from serve.cli_common import (
     CliError,
+    build_engine,
     check_model_source,
     enable_compilation_cache,
     load_model,
@@ -50,7 +51,6 @@ def deploy(args: argparse.Namespace, console) -> tuple[Any, Any]:
     args needs preset, checkpoint, devices, redundant_experts, request_slots_per_device."""
     check_model_source(args.preset, args.checkpoint)
     enable_compilation_cache()
-    from elastic_moe.engine import Engine, EngineOptions
 
     devices = pick_devices(args.devices)
     name = args.preset or args.checkpoint
@@ -67,17 +67,17 @@ def deploy(args: argparse.Namespace, console) -> tuple[Any, Any]:
             f"({cfg.num_experts} experts + {redundant} redundant slots)",
             total=1,
         )
-        options = EngineOptions(
-            request_slots_per_device=args.request_slots_per_device, redundant_experts=redundant
+        engine = build_engine(
+            cfg,
+            params,
+            devices,
+            request_slots_per_device=args.request_slots_per_device,
+            redundant=redundant,
         )
-        try:
-            engine = Engine(cfg, params, devices, options)
-        except ValueError as error:
-            raise CliError(f"cannot deploy {cfg.name} on {len(devices)} devices: {error}") from None
         progress.update(task, completed=1)
 
         task = progress.add_task("compiling prefill, decode and expert transfers", total=1)
-        engine.executables.get(engine.mesh.devices).warm([options.min_prefill_bucket])
+        engine.executables.get(engine.mesh.devices).warm([engine.options.min_prefill_bucket])
         progress.update(task, completed=1)
     return engine, tokenizer
 

@@ -1,0 +1,32 @@
+"""Set-up shared by the benchmark scripts: simulated devices off-GPU, and the model to time."""
+
+from __future__ import annotations
+
+import os
+
+
+def has_gpu() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia")
+
+
+def simulate_devices_unless_gpu(count: int) -> None:
+    """On a machine without a GPU, simulate `count` CPU devices (before jax starts)."""
+    if "cpu" in os.environ.get("JAX_PLATFORMS", "") or not has_gpu():
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+
+
+def model_to_time(preset: str, layers: int = 0, max_seq_len: int = 0):
+    """(config, host params): a preset with optional overrides. Tiny presets get their real
+    random init; real shapes get tiled random weights (fast, for timing only)."""
+    from models.params import init_params, synthetic_params
+    from models.presets import get_preset
+
+    changes = {}
+    if layers:
+        changes["num_layers"] = layers
+    if max_seq_len:
+        changes["max_seq_len"] = max_seq_len
+    cfg = get_preset(preset).replace(**changes)
+    params = init_params(cfg) if cfg.d_model < 512 else synthetic_params(cfg)
+    return cfg, params
