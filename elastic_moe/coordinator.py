@@ -165,7 +165,13 @@ class Coordinator:
             old.poison(lost_positions)
             started += time.perf_counter() - poison_started
         new_mesh, stats = old.moved_to(
-            new_devices, keep, placement, plan, engine.host_params, engine.executables
+            new_devices,
+            keep,
+            placement,
+            plan,
+            engine.host_params,
+            engine.executables,
+            engine.expert_source,
         )
         result.transfer_ms, result.compile_ms = stats.transfer_ms, stats.compile_ms
         result.requests_reprefilled = engine.switch_mesh(new_mesh, keep)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from elastic_moe.executables import ExecutableCache
+from elastic_moe.expert_source import ExpertSource, without_host_experts
 from elastic_moe.requests import FinishReason, Journal, Request, RequestError, SamplingParams
 from elastic_moe.serving_mesh import ServingMesh, expert_slots_per_device
 from elastic_moe.steps import Sampling, StepGeometry
@@ -46,6 +47,11 @@ class EngineOptions:
     # expert's weights once and redundancy costs no bandwidth; "spread": tokens are spread
     # over all replicas (balances compute in large prefill batches, reads every replica).
     replica_routing: str = "primary"
+    # Keep a host copy of every expert (restores are host-to-device). Without it, an expert
+    # whose replicas all died is read back from `expert_checkpoint` (an orbax checkpoint
+    # written by elastic_moe.checkpoint.save_checkpoint).
+    host_expert_copy: bool = True
+    expert_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.replica_routing not in ("primary", "spread"):
@@ -55,6 +61,8 @@ class EngineOptions:
         for name in ("request_slots_per_device", "prefill_rows_per_device", "min_prefill_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.host_expert_copy and not self.expert_checkpoint:
+            raise ValueError("host_expert_copy=False needs an expert_checkpoint to restore from")
         if self.redundant_experts < 0:
             raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
 
@@ -93,6 +101,9 @@ class Engine:
 
         self.executables = ExecutableCache(cfg, geometry_for)
         self.mesh = ServingMesh.create(cfg, host_params, devices, options, self.executables)
+        if not options.host_expert_copy:
+            self.host_params = without_host_experts(cfg, host_params)
+        self.expert_source = ExpertSource(cfg, self.host_params, options.expert_checkpoint)
         self.prefill_lengths_seen: set[int] = set()
         self.journal = Journal()
         self.waiting: collections.deque[str] = collections.deque()

@@ -19,6 +19,7 @@ import numpy as np
 
 from elastic_moe.deployment import place_params
 from elastic_moe.executables import ExecutableCache, MeshExecutables
+from elastic_moe.expert_source import ExpertSource
 from elastic_moe.steps import StepGeometry, StepOutput
 from mesh.placement import Placement, place, primary_first
 from mesh.reshard import poison, reassemble
@@ -142,6 +143,7 @@ class ServingMesh:
         plan: TransferPlan,
         host_params: Params,
         executables: ExecutableCache,
+        source: ExpertSource,
     ) -> tuple[ServingMesh, MoveStats]:
         """The next epoch's state on `new_devices` (new position j was old position keep[j])."""
         stats = MoveStats()
@@ -169,7 +171,7 @@ class ServingMesh:
             params,
             plan,
             new_placement.phy2log,
-            host_params,
+            source,
             entry,
             geometry.expert_slots_per_device,
         )
@@ -195,7 +197,7 @@ class ServingMesh:
         params: Params,
         plan: TransferPlan,
         phy2log: np.ndarray,
-        host_params: Params,
+        source: ExpertSource,
         entry: MeshExecutables,
         slots_per_device: int,
     ) -> int:
@@ -206,9 +208,7 @@ class ServingMesh:
             arrays = tuple(weights[name] for name in EXPERT_WEIGHTS)
             for r in range(rounds.send_slot.shape[0]):
                 arrays = entry.transfer(arrays, rounds.send_slot[r, j], rounds.recv_slot[r, j])
-            arrays = _restore_from_host(
-                arrays, plan, j, host_params, i, entry, slots_per_device, phy2log
-            )
+            arrays = _restore_from_host(arrays, plan, j, source, entry, slots_per_device, phy2log)
             for name, array in zip(EXPERT_WEIGHTS, arrays, strict=True):
                 weights[name] = array
         return int(rounds.send_slot.shape[0])
@@ -224,18 +224,20 @@ def _restore_from_host(
     arrays: tuple[jax.Array, ...],
     plan: TransferPlan,
     layer: int,
-    host_params: Params,
-    decoder_layer: int,
+    source: ExpertSource,
     entry: MeshExecutables,
     slots_per_device: int,
     phy2log: np.ndarray,
 ) -> tuple[jax.Array, ...]:
     """Writes every slot marked `from_host` from the host copy, one slot per device per call."""
-    host = expert_weights(host_params, decoder_layer)
     n = len(entry.mesh.devices.flat)
     pending: list[list[int]] = [[] for _ in range(n)]
     for slot in np.flatnonzero(plan.from_host[layer]):
         pending[slot // slots_per_device].append(int(slot))
+    if not any(pending):
+        return arrays
+    needed = sorted({int(phy2log[layer, p]) for slots in pending for p in slots})
+    host = source.fetch(layer, needed)
     while any(pending):
         slot = np.full((n,), -1, np.int32)
         expert = np.full((n,), -1, np.int64)
@@ -244,7 +246,8 @@ def _restore_from_host(
                 p = pending[d].pop()
                 slot[d], expert[d] = p % slots_per_device, phy2log[layer, p]
         values = [
-            (lambda d, name=name, expert=expert: host[name][expert[d]]) for name in EXPERT_WEIGHTS
+            (lambda d, name=name, expert=expert: host[int(expert[d])][name])
+            for name in EXPERT_WEIGHTS
         ]
         arrays = entry.writer(arrays, slot, values)
     return arrays

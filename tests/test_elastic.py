@@ -196,3 +196,35 @@ def test_poisoned_shards_are_never_read(devices):
     survivors = build_mesh([devices[0], devices[2], devices[3]])
     moved = reassemble(poisoned, [0, 2, 3], NamedSharding(survivors, P(EXPERT_AXIS)))
     np.testing.assert_array_equal(np.asarray(moved), values[[0, 1, 4, 5, 6, 7]])
+
+
+def test_without_a_host_copy_lost_experts_come_back_from_the_checkpoint(
+    model, devices, baseline, tmp_path
+):
+    from elastic_moe.checkpoint import save_checkpoint
+
+    cfg, params = model
+    save_checkpoint(tmp_path / "ckpt", cfg, params)
+    options = EngineOptions(
+        request_slots_per_device=2,
+        redundant_experts=8,
+        host_expert_copy=False,
+        expert_checkpoint=str(tmp_path / "ckpt"),
+    )
+    engine = Engine(cfg, params, devices, options)
+    assert not engine.expert_source.has_host_copy()
+    coordinator = Coordinator(engine, standby=False)
+    requests = [engine.submit(r) for r in workload()]
+    step = 0
+    while engine.has_work():
+        if step == 3:
+            placement = engine.mesh.placement
+            expert = placement.phy2log[0, 0]
+            slots = [s for s in placement.log2phy[0, expert] if s >= 0]
+            positions = sorted({int(s) // placement.slots_per_device for s in slots})
+            result = coordinator.fail([engine.mesh.devices[p].id for p in positions])
+            assert result.experts_restored_from_host > 0
+            assert engine.expert_source.read_from_checkpoint > 0
+        engine.step()
+        step += 1
+    assert [r.generated for r in requests] == baseline
