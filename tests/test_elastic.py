@@ -177,6 +177,9 @@ def test_recovery_with_standby_executables_compiles_nothing(model, devices):
     coordinator.warm_standby()
     engine.executables.wait_standby()
     coordinator.standby_delay_s = 3600.0  # the next round of standby compiles is not counted
+    # Poisoning simulates the loss itself (it compiles its NaN fills): do it before counting.
+    engine.mesh.poison([1])
+    coordinator.poison_lost = False
     with count_compiles() as counted:
         result = coordinator.fail([engine.mesh.devices[1].id])
         while engine.has_work():
