@@ -97,6 +97,8 @@ class ExecutableCache:
     ) -> list[Future]:
         """Compiles, in the background, the programs of the meshes in `also` and of every mesh
         one failure of `devices` would leave (those too small to hold the experts excepted)."""
+        for stale in self._pending:  # meant for a mesh that is no longer current
+            stale.cancel()  # only those not started yet; a running compile finishes
         meshes = [list(m) for m in also]
         if len(devices) - 1 >= min_devices:
             meshes += [
