@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from elastic_moe.checkpoint import restore_experts
 from models.config import ModelConfig
 from models.params import EXPERT_WEIGHTS, Params, expert_weights, moe_layer_indices
 
@@ -32,6 +31,9 @@ class ExpertSource:
             return {int(e): {n: host[n][e] for n in EXPERT_WEIGHTS} for e in experts}
         if self.checkpoint is None:
             raise RuntimeError("no host copy of the experts and no checkpoint to restore them")
+        # Imported here: orbax is heavy, and importing it configures the root logger.
+        from elastic_moe.checkpoint import restore_experts
+
         restored = restore_experts(self.checkpoint, self.cfg, [(layer, int(e)) for e in experts])
         self.read_from_checkpoint += len(restored)
         return {e: restored[(layer, e)] for _, e in restored}
