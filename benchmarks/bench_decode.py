@@ -139,13 +139,12 @@ def roofline_ms(cfg, engine, hbm_gbs: float) -> float:
     import jax
     import numpy as np
 
-    from models.params import abstract_params
+    from models.params import abstract_params, is_expert_path, path_keys
 
     itemsize = np.dtype(cfg.dtype).itemsize
     dense = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg)):
-        keys = [getattr(p, "key", p) for p in path]
-        if "experts" in keys or keys[0] == "embed":
+        if is_expert_path(path) or path_keys(path)[0] == "embed":
             continue
         dense += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
     dense += engine.mesh.geometry.request_slots_per_device * cfg.d_model * itemsize  # embed rows

@@ -26,7 +26,14 @@ from mesh.reshard import poison, reassemble
 from mesh.transfer_plan import TransferPlan, schedule_rounds
 from models.config import ModelConfig
 from models.kv_cache import empty_cache
-from models.params import EXPERT_WEIGHTS, Params, expert_weights, moe_layer_indices
+from models.params import (
+    EXPERT_WEIGHTS,
+    Params,
+    expert_weights,
+    is_expert_path,
+    moe_layer_indices,
+    path_keys,
+)
 
 if TYPE_CHECKING:
     from elastic_moe.engine import EngineOptions
@@ -156,10 +163,9 @@ class ServingMesh:
         programs = entry.programs
 
         def move(path, array, sharding):
-            keys = [getattr(p, "key", p) for p in path]
-            if "experts" in keys:
+            if is_expert_path(path):
                 return reassemble(array, keep, sharding)  # new devices' slots filled below
-            host = _lookup(host_params, keys)
+            host = _lookup(host_params, path_keys(path))
             return reassemble(array, keep, sharding, fill=lambda _j: host)
 
         params = jax.tree_util.tree_map_with_path(move, self.params, programs.param_shardings)

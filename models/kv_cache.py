@@ -21,19 +21,15 @@ class LayerCache(NamedTuple):
 
 def empty_cache(cfg: ModelConfig, num_slots: int, max_len: int | None = None) -> list[LayerCache]:
     """Zeroed cache for `num_slots` request slots (a host-side or abstract template)."""
-    t = max_len or cfg.max_seq_len
-    dtype = jnp.dtype(cfg.dtype)
-    shape_k = (num_slots, t, cfg.num_kv_heads, cfg.key_head_dim)
-    shape_v = (num_slots, t, cfg.num_kv_heads, cfg.value_head_dim)
     return [
-        LayerCache(jnp.zeros(shape_k, dtype), jnp.zeros(shape_v, dtype))
-        for _ in range(cfg.num_layers)
+        LayerCache(*(jnp.zeros(shape, dtype) for shape, dtype in layer))
+        for layer in cache_shapes(cfg, num_slots, max_len)
     ]
 
 
-def cache_shapes(cfg: ModelConfig, num_slots: int) -> list[LayerCache]:
+def cache_shapes(cfg: ModelConfig, num_slots: int, max_len: int | None = None) -> list[LayerCache]:
     """Shapes of the cache, as (shape, dtype) pairs, without allocating."""
-    t = cfg.max_seq_len
+    t = max_len or cfg.max_seq_len
     k = ((num_slots, t, cfg.num_kv_heads, cfg.key_head_dim), jnp.dtype(cfg.dtype))
     v = ((num_slots, t, cfg.num_kv_heads, cfg.value_head_dim), jnp.dtype(cfg.dtype))
     return [LayerCache(k, v) for _ in range(cfg.num_layers)]

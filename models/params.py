@@ -20,26 +20,28 @@ Params = dict[str, Any]
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
-def model_graph(cfg: ModelConfig, num_slots: int | None = None) -> nnx.GraphDef:
-    """The model's structure without allocating weights (shapes don't enter the graph)."""
+def _abstract_model(cfg: ModelConfig, num_slots: int | None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and abstract state of the model, without allocating weights."""
     abstract = nnx.eval_shape(
         lambda: MoETransformer(cfg, num_slots or cfg.num_experts, rngs=nnx.Rngs(0))
     )
-    return nnx.split(abstract)[0]
+    graph, state = nnx.split(abstract)
+    return graph, state
+
+
+def model_graph(cfg: ModelConfig, num_slots: int | None = None) -> nnx.GraphDef:
+    """The model's structure (shapes don't enter the graph)."""
+    return _abstract_model(cfg, num_slots)[0]
 
 
 def abstract_params(cfg: ModelConfig, num_slots: int | None = None) -> Params:
     """Shapes and dtypes (jax.ShapeDtypeStruct leaves) of the parameters."""
-    abstract = nnx.eval_shape(
-        lambda: MoETransformer(cfg, num_slots or cfg.num_experts, rngs=nnx.Rngs(0))
-    )
-    return nnx.to_pure_dict(nnx.split(abstract)[1])
+    return nnx.to_pure_dict(_abstract_model(cfg, num_slots)[1])
 
 
 def logical_axes(cfg: ModelConfig) -> Params:
     """For every parameter, its logical axis names (a tuple with one entry per dimension)."""
-    abstract = nnx.eval_shape(lambda: MoETransformer(cfg, cfg.num_experts, rngs=nnx.Rngs(0)))
-    state = nnx.split(abstract)[1]
+    state = _abstract_model(cfg, None)[1]
     axes = jax.tree.map(
         lambda v: tuple(v.get_metadata().get("logical_axes") or (None,) * v.value.ndim),
         state,
@@ -71,9 +73,14 @@ def iter_expert_paths(cfg: ModelConfig) -> Iterator[tuple[int, int, str]]:
             yield j, i, name
 
 
+def path_keys(path: tuple) -> list:
+    """The dict keys of a jax tree path (what tree_map_with_path passes)."""
+    return [getattr(p, "key", p) for p in path]
+
+
 def is_expert_path(path: tuple) -> bool:
-    keys = [getattr(p, "key", getattr(p, "name", p)) for p in path]
-    return "experts" in keys
+    """True for the routed-expert arrays, which live in physical slots once deployed."""
+    return "experts" in path_keys(path)
 
 
 def synthetic_params(cfg: ModelConfig, seed: int = 0, block: int = 1 << 20) -> Params:
@@ -85,8 +92,7 @@ def synthetic_params(cfg: ModelConfig, seed: int = 0, block: int = 1 << 20) -> P
     tiles: dict = {}
 
     def fill(path, leaf):
-        keys = [getattr(p, "key", p) for p in path]
-        if keys[-1] == "scale":
+        if path_keys(path)[-1] == "scale":
             return np.ones(leaf.shape, leaf.dtype)
         typed = tiles.setdefault(leaf.dtype, tile.astype(leaf.dtype))
         out = np.empty(leaf.shape, leaf.dtype)
