@@ -97,9 +97,10 @@ class SlotTransfer:
 
     One call runs one round: for each shift s (0 = within a device) device d reads its local
     slot send[d, s] and device (d + s) % N writes it into its local slot recv[(d + s) % N, s].
-    Shifts nobody uses in the round are skipped at run time (a replicated predicate per shift),
-    and every shift's buffer is written before the next is read, so the extra memory is a slot
-    or two per device.
+    The shifts run in order, s = 0 first: within a shift every read comes before the write,
+    and a later shift reads what an earlier one wrote. `mesh.transfer_plan` schedules by
+    exactly this order, so the extra memory is a slot or two per device. Shifts nobody uses in
+    the round are skipped at run time (a replicated predicate per shift).
     """
 
     def __init__(self, mesh: Mesh, weight_shapes: Sequence[jax.ShapeDtypeStruct]):

@@ -15,8 +15,13 @@ old devices not named are lost and never read). Every new slot is then one of:
 
 Copies run in rounds (`schedule_rounds`): in round r device d sends at most one slot per layer
 to each device (d + s) % N, s = 0..N-1 (s = 0: a copy inside the device), so one compiled
-collective (a ppermute per shift) serves every plan of a mesh. A round reads all its sources,
-then writes all its destinations. Host restores are applied after the last round (they may
+collective (a ppermute per shift) serves every plan of a mesh.
+
+The order inside a round is the compiled program's (`mesh.reshard.SlotTransfer`): the shifts
+run one after another, s = 0 first; within one shift every sender reads its slot before any
+receiver writes (one ppermute), and a shift sees what the shifts before it wrote. So a copy that
+reads a volatile slot runs in an earlier round than the copy that overwrites that slot, or in
+the same round with a shift no larger. Host restores are applied after the last round (they may
 overwrite a volatile source).
 """
 
@@ -132,9 +137,10 @@ def _choose_sources(before, after, keep, from_host, new):
 def _break_cycles(source, keep, from_host, num_devices, slots_per_device):
     """Turn one copy of each unschedulable read-before-write cycle into a host restore.
 
-    A copy reading a volatile slot must run no later than the copy that overwrites that slot.
-    Each copy reads one slot, so these constraints form a functional graph; a cycle must run in
-    a single round, which works unless two of its copies share a (sender, shift) pair.
+    A copy reading a volatile slot must run no later than the copy that overwrites that slot
+    (earlier round, or same round and shift no larger). Each copy reads one slot, so these
+    constraints form a functional graph; a cycle must run as one shift of one round, which
+    works only when all its copies have the same shift (and so distinct senders).
     source, from_host: [num_slots], edited; keep: [num_slots] bool.
     """
     s, n = slots_per_device, num_devices
@@ -152,7 +158,8 @@ def _break_cycles(source, keep, from_host, num_devices, slots_per_device):
         if c in path:
             cycle = path[path.index(c) :]
             pairs = {(source[x] // s, (x // s - source[x] // s) % n) for x in cycle}
-            if len(pairs) < len(cycle):
+            shifts = {shift for _, shift in pairs}
+            if len(pairs) < len(cycle) or len(shifts) > 1:
                 source[cycle[0]] = -1
                 from_host[cycle[0]] = True
         done.update(path)
@@ -217,8 +224,10 @@ def _rank_in_group(key):
 def _rounds_with_order(layer, dst, src, sender, shift, plan):
     """[copies] rounds when some copies read volatile slots (read no later than written).
 
-    Kahn's order over "reader before writer" edges; what is left are cycles, which
-    plan_transfers leaves only when they fit one round, and which take one round together.
+    Kahn's order over "reader before writer" edges: a writer goes in the reader's round when
+    its shift is no smaller (the shifts of a round run in order), else in a later one. What is
+    left are cycles, which plan_transfers leaves only when all their copies share one shift;
+    each takes one round.
     """
     rnd = np.full(dst.size, -1, dtype=np.int64)
     writer = {
@@ -247,7 +256,8 @@ def _rounds_with_order(layer, dst, src, sender, shift, plan):
         rnd[i] = first_free([(int(layer[i]), int(sender[i]), int(shift[i]))], earliest[i])
         j = waits_for[i]
         if j >= 0:
-            earliest[j] = max(earliest[j], rnd[i])
+            # j overwrites what i reads: same round only if j's shift runs no earlier.
+            earliest[j] = max(earliest[j], rnd[i] + int(shift[j] < shift[i]))
             indegree[j] -= 1
             if indegree[j] == 0:
                 ready.append(j)
@@ -259,8 +269,11 @@ def _rounds_with_order(layer, dst, src, sender, shift, plan):
             cycle.append(j)
             j = int(waits_for[j])
         keys = [(int(layer[c]), int(sender[c]), int(shift[c])) for c in cycle]
-        if len(set(keys)) < len(keys):
-            raise ValueError("a read-before-write cycle needs one (sender, shift) pair twice")
+        if len(set(keys)) < len(keys) or len({k[2] for k in keys}) > 1:
+            raise ValueError(
+                "a read-before-write cycle spans several shifts or needs one (sender, shift)"
+                " pair twice"
+            )
         r = first_free(keys, int(max(earliest[c] for c in cycle)))
         rnd[cycle] = r
     return rnd

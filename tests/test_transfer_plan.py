@@ -23,7 +23,11 @@ def surviving_layout(old, keep) -> np.ndarray:
 
 
 def execute(old, new, keep, plan, rounds) -> np.ndarray:
-    """Run the rounds then the host restores on expert ids; return the final layout."""
+    """Run the rounds then the host restores on expert ids; return the final layout.
+
+    Executes in the compiled program's order (mesh.reshard.SlotTransfer): the shifts of a round
+    one after another, each reading all its sources before writing its destinations.
+    """
     s, n = new.slots_per_device, new.num_devices
     held = surviving_layout(old, keep).copy()
     assert rounds.send_slot.shape == rounds.recv_slot.shape
@@ -33,14 +37,15 @@ def execute(old, new, keep, plan, rounds) -> np.ndarray:
         # Every buffer sent is received: recv[l, (d + h) % n, h] pairs with send[l, d, h].
         shifted = np.stack([np.roll(recvs[:, :, h], -h, axis=1) for h in range(n)], axis=2)
         assert np.array_equal(sends >= 0, shifted >= 0)
-        writes = []
-        for layer, d, h in zip(*np.nonzero(sends >= 0), strict=True):
-            value = held[layer, d * s + sends[layer, d, h]]
-            assert value != POISON, f"round {r} reads a poisoned slot"
-            dst = (d + h) % n
-            writes.append((layer, dst * s + recvs[layer, dst, h], value))
-        for layer, slot, value in writes:  # all reads of a round happen before its writes
-            held[layer, slot] = value
+        for h in range(n):
+            writes = []
+            for layer, d in zip(*np.nonzero(sends[:, :, h] >= 0), strict=True):
+                value = held[layer, d * s + sends[layer, d, h]]
+                assert value != POISON, f"round {r} shift {h} reads a poisoned slot"
+                dst = (d + h) % n
+                writes.append((layer, dst * s + recvs[layer, dst, h], value))
+            for layer, slot, value in writes:  # one ppermute: its reads precede its writes
+                held[layer, slot] = value
     held[plan.from_host] = new.phy2log[plan.from_host]
     return held
 
@@ -125,6 +130,26 @@ def test_rounds_between_any_two_placements(case, data):
     assert ((copied.astype(int) + plan.from_host + plan.keep) == 1).all()
     rounds = schedule_rounds(plan, new.num_devices, new.slots_per_device)
     assert np.array_equal(execute(old, new, keep, plan, rounds), new.phy2log)
+
+
+def test_fail_then_rejoin_under_skewed_load():
+    """tiny-mixtral's shape (8 devices x 2 slots, 8 experts, R = 8) through fail + rejoin under
+    skewed loads: the rejoin's repair moves kept replicas, so copies read volatile slots."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        load = rng.random((2, 8)) ** 6
+        old = place(load, 8, 2, 8)
+        lost = sorted(rng.choice(8, size=int(rng.integers(1, 4)), replace=False).tolist())
+        survivors = [d for d in range(8) if d not in lost]
+        mid = repair(old, survivors, load, 8)
+        rejoined = list(range(len(survivors))) + [None] * int(rng.integers(1, len(lost) + 1))
+        skewed = rng.random((2, 8)) ** 6
+        new = repair(mid, rejoined, skewed, 8)
+        for before, after, keep in ((old, mid, survivors), (mid, new, rejoined)):
+            plan = plan_transfers(before, after, keep)
+            check_plan(before, after, keep, plan)
+            rounds = schedule_rounds(plan, after.num_devices, after.slots_per_device)
+            assert np.array_equal(execute(before, after, keep, plan, rounds), after.phy2log)
 
 
 def test_single_loss_with_full_redundancy_needs_no_host():
