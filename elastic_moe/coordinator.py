@@ -54,6 +54,26 @@ class Coordinator:
         if standby:
             self.warm_standby()
 
+    # ---- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stops the background work: the pending standby timer and the queued standby
+        compiles (one already running finishes). Without it, a timer that fires after the
+        program ended finds the compile pool gone. Later reconfigurations still work; they
+        just compile on the critical path."""
+        self.standby = False
+        timer, self._standby_timer = self._standby_timer, None
+        if timer is not None:
+            timer.cancel()
+            if timer is not threading.current_thread():
+                timer.join()  # it may have fired already: let it finish queueing first
+        self.engine.executables.shutdown()
+
+    def __enter__(self) -> Coordinator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ---- operations ---------------------------------------------------------------------
     def fail(
         self,

@@ -88,7 +88,7 @@ class Runtime:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.engine.executables.shutdown()
+        self.coordinator.close()  # its standby timer and compiles
 
     def __enter__(self) -> Runtime:
         return self.start()
