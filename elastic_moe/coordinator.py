@@ -20,6 +20,7 @@ from elastic_moe.engine import Engine
 from elastic_moe.reconfiguration import (
     DeviceState,
     DeviceStatus,
+    IntegrityReport,
     MeshState,
     MeshStatus,
     Reconfiguration,
@@ -192,8 +193,12 @@ class Coordinator:
             engine.host_params,
             engine.executables,
             engine.expert_source,
+            engine.expert_checksums,
         )
         result.transfer_ms, result.compile_ms = stats.transfer_ms, stats.compile_ms
+        result.slots_verified = stats.integrity.slots_checked
+        result.slots_repaired = stats.integrity.slots_repaired
+        result.verify_ms = stats.integrity.verify_ms
         result.requests_reprefilled = engine.switch_mesh(new_mesh, keep)
         result.pause_ms = detect_ms + 1000 * (time.perf_counter() - started)
         self.history.append(result)
@@ -231,6 +236,13 @@ class Coordinator:
         full = [self.pool[i] for i in sorted(self.pool)]
         extra = [current] + ([full] if len(full) != len(current) else [])
         engine.executables.warm_standby(current, lengths, engine.min_devices, also=extra)
+
+    def verify(self, *, repair: bool = True) -> IntegrityReport:
+        """Checks every expert slot of the serving mesh against its expert's checksum, on the
+        devices; with `repair`, rewrites each wrong slot from the host copy (or checkpoint)."""
+        engine = self.engine
+        source = engine.expert_source if repair else None
+        return engine.mesh.verify_experts(engine.expert_checksums, source=source)
 
     # ---- reporting ----------------------------------------------------------------------
     def observed_load(self) -> np.ndarray:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from elastic_moe.executables import ExecutableCache
+from elastic_moe.expert_checksums import ExpertChecksums
 from elastic_moe.expert_source import ExpertSource, without_host_experts
 from elastic_moe.requests import FinishReason, Journal, Request, RequestError, SamplingParams
 from elastic_moe.serving_mesh import ServingMesh, expert_slots_per_device
@@ -101,6 +102,8 @@ class Engine:
 
         self.executables = ExecutableCache(cfg, geometry_for)
         self.mesh = ServingMesh.create(cfg, host_params, devices, options, self.executables)
+        # Taken before the host experts may be dropped: what every moved slot must match.
+        self.expert_checksums = ExpertChecksums(cfg, host_params)
         if not options.host_expert_copy:
             self.host_params = without_host_experts(cfg, host_params)
         self.expert_source = ExpertSource(cfg, self.host_params, options.expert_checkpoint)

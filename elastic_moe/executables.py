@@ -17,6 +17,7 @@ import jax
 from elastic_moe.steps import MeshPrograms, StepGeometry
 from mesh.device_mesh import build_mesh
 from mesh.reshard import SlotTransfer, SlotWriter
+from mesh.slot_checksum import SlotChecksums
 from models.config import ModelConfig
 from models.params import EXPERT_WEIGHTS, abstract_params, expert_weights
 
@@ -38,7 +39,7 @@ def enable_persistent_cache(directory: str | None = None) -> str:
 
 
 class MeshExecutables:
-    """Everything compiled for one mesh: prefill/decode programs and the transfer programs."""
+    """Everything compiled for one mesh: prefill/decode, expert transfers and their checks."""
 
     def __init__(self, cfg: ModelConfig, devices: Sequence[jax.Device], geometry: StepGeometry):
         self.mesh = build_mesh(devices)
@@ -49,11 +50,14 @@ class MeshExecutables:
         shapes = [experts[name] for name in EXPERT_WEIGHTS]
         self.transfer = SlotTransfer(self.mesh, shapes)
         self.writer = SlotWriter(self.mesh, shapes)
+        self.checksums = SlotChecksums(self.mesh, shapes)
 
     def warm(self, prefill_lengths: Sequence[int]) -> None:
-        """Compiles decode, prefill at each length, and the expert transfer programs."""
+        """Compiles decode, prefill at each length, and the expert transfer and check
+        programs."""
         self.transfer.compile()
         self.writer.compile()
+        self.checksums.compile()
         self.programs.compile_decode()
         for length in prefill_lengths:
             self.programs.compile_prefill(length)

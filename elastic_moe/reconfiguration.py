@@ -45,6 +45,37 @@ class Reconfiguration:
     requests_reprefilled: int = 0
     dry_run: bool = False
     standby_hit: bool = False  # the new mesh's programs were compiled before it was needed
+    # Every slot the move wrote is checked against its expert's checksum before serving;
+    # a mismatch is rewritten from the host copy (or the checkpoint) and counted here.
+    slots_verified: int = 0
+    slots_repaired: int = 0
+    verify_ms: float = 0.0
+
+
+class ExpertIntegrityError(RuntimeError):
+    """A slot still holds the wrong weights after it was rewritten from the host copy."""
+
+
+@dataclass(frozen=True)
+class SlotMismatch:
+    """A slot whose weights are not those of the expert its placement names."""
+
+    layer: int  # MoE layer index
+    slot: int  # physical slot (mesh numbering)
+    device_id: int
+    expected_expert: int
+    found_expert: int  # the expert whose weights it holds, or -1 when it matches none
+
+
+@dataclass
+class IntegrityReport:
+    """What a check of expert slots found (and rewrote, when it repairs)."""
+
+    epoch: int = 0  # the mesh epoch checked
+    slots_checked: int = 0
+    mismatches: list[SlotMismatch] = field(default_factory=list)
+    slots_repaired: int = 0
+    verify_ms: float = 0.0
 
 
 @dataclass

@@ -178,6 +178,11 @@ class Runtime:
     def rebalance(self, **kw) -> Future:
         return self.call(lambda: self._changed(self.coordinator.rebalance(**kw)))
 
+    def verify(self, *, repair: bool = True) -> Future:
+        """Checks every expert slot against its expert's checksum at a step boundary (an
+        IntegrityReport); with `repair`, wrong slots are rewritten before the next step."""
+        return self.call(lambda: self.coordinator.verify(repair=repair))
+
     def break_devices(self, device_ids) -> None:
         """Simulates hardware faults: the next step fails and detection takes over."""
         self.injector.break_devices(device_ids)

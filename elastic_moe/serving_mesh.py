@@ -8,6 +8,7 @@ their share.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -19,7 +20,9 @@ import numpy as np
 
 from elastic_moe.deployment import place_params
 from elastic_moe.executables import ExecutableCache, MeshExecutables
+from elastic_moe.expert_checksums import ExpertChecksums
 from elastic_moe.expert_source import ExpertSource
+from elastic_moe.reconfiguration import ExpertIntegrityError, IntegrityReport, SlotMismatch
 from elastic_moe.steps import StepGeometry, StepOutput
 from mesh.placement import Placement, place, primary_first
 from mesh.reshard import poison, reassemble
@@ -38,6 +41,8 @@ from models.params import (
 if TYPE_CHECKING:
     from elastic_moe.engine import EngineOptions
 
+log = logging.getLogger("elastic_moe.integrity")
+
 
 def expert_slots_per_device(cfg: ModelConfig, num_devices: int, redundant: int) -> int:
     """S: enough slots for every expert plus `redundant` replicas over the whole mesh."""
@@ -51,6 +56,7 @@ class MoveStats:
     transfer_rounds: int = 0
     transfer_ms: float = 0.0
     compile_ms: float = 0.0
+    integrity: IntegrityReport = field(default_factory=IntegrityReport)
 
 
 @dataclass
@@ -151,8 +157,12 @@ class ServingMesh:
         host_params: Params,
         executables: ExecutableCache,
         source: ExpertSource,
+        checksums: ExpertChecksums,
     ) -> tuple[ServingMesh, MoveStats]:
-        """The next epoch's state on `new_devices` (new position j was old position keep[j])."""
+        """The next epoch's state on `new_devices` (new position j was old position keep[j]).
+
+        Every slot the move wrote is checked against its expert's checksum before the new
+        state is returned; a wrong one is rewritten from `source` (stats.integrity says so)."""
         stats = MoveStats()
         t0 = time.perf_counter()
         entry = executables.get(list(new_devices))
@@ -196,7 +206,84 @@ class ServingMesh:
             self.epoch + 1,
             self.replica_routing,
         )
+        stats.integrity = moved.verify_experts(checksums, written=~plan.keep, source=source)
         return moved, stats
+
+    # ---- expert integrity ---------------------------------------------------------------
+    def verify_experts(
+        self,
+        checksums: ExpertChecksums,
+        written: np.ndarray | None = None,
+        source: ExpertSource | None = None,
+    ) -> IntegrityReport:
+        """Checks on the devices that every slot in `written` ([moe_layers, num_slots] bool;
+        every slot when None) holds, bit for bit, the expert its placement names.
+
+        With a `source`, each wrong slot is rewritten from it (host copy or checkpoint) and
+        checked again; one still wrong raises ExpertIntegrityError (it must never serve).
+        """
+        started = time.perf_counter()
+        report = IntegrityReport(epoch=self.epoch)
+        s = self.geometry.expert_slots_per_device
+        phy2log = self.placement.phy2log
+        for j, i in enumerate(moe_layer_indices(self.cfg)):
+            mask = np.ones(phy2log.shape[1], bool) if written is None else written[j]
+            if not mask.any():
+                continue
+            weights = expert_weights(self.params, i)
+            arrays = tuple(weights[name] for name in EXPERT_WEIGHTS)
+            found = self._slot_checksums(arrays, mask)
+            bad = mask & (found != checksums.expected(j, phy2log[j])).any(axis=1)
+            report.slots_checked += int(mask.sum())
+            for slot in np.flatnonzero(bad).tolist():
+                mismatch = SlotMismatch(
+                    layer=j,
+                    slot=slot,
+                    device_id=int(self.devices[slot // s].id),
+                    expected_expert=int(phy2log[j, slot]),
+                    found_expert=checksums.identify(j, found[slot]),
+                )
+                report.mismatches.append(mismatch)
+                log.error(
+                    "expert slot %d of MoE layer %d (device %d) holds %s, its placement says "
+                    "expert %d%s",
+                    slot,
+                    j,
+                    mismatch.device_id,
+                    f"expert {mismatch.found_expert}'s weights"
+                    if mismatch.found_expert >= 0
+                    else "weights of no expert",
+                    mismatch.expected_expert,
+                    "; rewriting it from the host copy" if source is not None else "",
+                )
+            if source is None or not bad.any():
+                continue
+            arrays = _write_from_source(arrays, bad, j, source, self.executables, s, phy2log)
+            again = self._slot_checksums(arrays, bad)
+            if (bad & (again != checksums.expected(j, phy2log[j])).any(axis=1)).any():
+                raise ExpertIntegrityError(
+                    f"MoE layer {j}: slots {np.flatnonzero(bad).tolist()} still hold the wrong "
+                    "weights after a rewrite from the host copy"
+                )
+            for name, array in zip(EXPERT_WEIGHTS, arrays, strict=True):
+                weights[name] = array
+            report.slots_repaired += int(bad.sum())
+        report.verify_ms = 1000 * (time.perf_counter() - started)
+        return report
+
+    def _slot_checksums(self, arrays: tuple[jax.Array, ...], mask: np.ndarray) -> np.ndarray:
+        """[num_slots, weights] on-device checksums of the slots in `mask` (0 elsewhere)."""
+        n, s = len(self.devices), self.geometry.expert_slots_per_device
+        local = np.full((n, s), -1, np.int32)
+        for d in range(n):
+            listed = np.flatnonzero(mask[d * s : (d + 1) * s])
+            local[d, : listed.size] = listed
+        sums = self.executables.checksums(arrays, local)  # [weights, n, s], packed per device
+        out = np.zeros((n * s, sums.shape[0]), np.uint32)
+        for d in range(n):
+            listed = local[d][local[d] >= 0]
+            out[d * s + listed] = sums[:, d, : listed.size].T
+        return out
 
     def _move_experts(
         self,
@@ -214,7 +301,9 @@ class ServingMesh:
             arrays = tuple(weights[name] for name in EXPERT_WEIGHTS)
             for r in range(rounds.send_slot.shape[0]):
                 arrays = entry.transfer(arrays, rounds.send_slot[r, j], rounds.recv_slot[r, j])
-            arrays = _restore_from_host(arrays, plan, j, source, entry, slots_per_device, phy2log)
+            arrays = _write_from_source(
+                arrays, plan.from_host[j], j, source, entry, slots_per_device, phy2log
+            )
             for name, array in zip(EXPERT_WEIGHTS, arrays, strict=True):
                 weights[name] = array
         return int(rounds.send_slot.shape[0])
@@ -226,19 +315,20 @@ def _lookup(tree: Any, keys: list) -> Any:
     return tree
 
 
-def _restore_from_host(
+def _write_from_source(
     arrays: tuple[jax.Array, ...],
-    plan: TransferPlan,
+    slots: np.ndarray,
     layer: int,
     source: ExpertSource,
     entry: MeshExecutables,
     slots_per_device: int,
     phy2log: np.ndarray,
 ) -> tuple[jax.Array, ...]:
-    """Writes every slot marked `from_host` from the host copy, one slot per device per call."""
+    """Writes every slot in `slots` ([num_slots] bool) of MoE layer `layer` with its expert
+    from the source (the host copy, else the checkpoint), one slot per device per call."""
     n = len(entry.mesh.devices.flat)
     pending: list[list[int]] = [[] for _ in range(n)]
-    for slot in np.flatnonzero(plan.from_host[layer]):
+    for slot in np.flatnonzero(slots):
         pending[slot // slots_per_device].append(int(slot))
     if not any(pending):
         return arrays

@@ -1,4 +1,5 @@
-"""The Admin service: mesh status (one-shot and watched), fail / rejoin / rebalance, drain.
+"""The Admin service: mesh status (one-shot and watched), fail / rejoin / rebalance, drain,
+and the on-demand check of every expert slot (VerifyExperts).
 
 Every operation runs on the runtime's loop thread at a step boundary; here it is awaited as a
 future and its errors become status codes: UnknownDevice -> NOT_FOUND, ReconfigurationRefused ->
@@ -15,9 +16,14 @@ import grpc
 
 from elastic_moe.reconfiguration import MeshStatus, ReconfigurationRefused, UnknownDevice
 from elastic_moe.runtime import Draining, Runtime
+from serve.metrics import ServerMetrics
 from serve.proto import elastic_moe_pb2 as pb
 from serve.proto import elastic_moe_pb2_grpc as pb_grpc
-from serve.status_convert import mesh_status_to_proto, reconfigure_result
+from serve.status_convert import (
+    integrity_report_to_proto,
+    mesh_status_to_proto,
+    reconfigure_result,
+)
 
 
 def status_code_of(error: BaseException) -> grpc.StatusCode:
@@ -33,21 +39,30 @@ def status_code_of(error: BaseException) -> grpc.StatusCode:
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, runtime: Runtime, drain: Callable[[float], Awaitable[tuple[int, int]]]):
+    def __init__(
+        self,
+        runtime: Runtime,
+        drain: Callable[[float], Awaitable[tuple[int, int]]],
+        metrics: ServerMetrics,
+    ):
         """drain(timeout_s) is the server's drain (it also flips readiness)."""
         self.runtime = runtime
         self._drain = drain
+        self.metrics = metrics
 
     async def _operation(self, start: Callable[[], Future], context) -> pb.ReconfigureResult:
+        return reconfigure_result(await self._run(start, context))
+
+    async def _run(self, start: Callable[[], Future], context):
+        """Awaits a loop-thread operation; its errors become status codes."""
         try:
-            result = await asyncio.wrap_future(start())
+            return await asyncio.wrap_future(start())
         except Exception as error:  # mapped to a status code with the runtime's message
             code = status_code_of(error)
             message = str(error) or type(error).__name__
             if code is grpc.StatusCode.INTERNAL:
                 message = f"{type(error).__name__}: {message}"
             await context.abort(code, message)
-        return reconfigure_result(result)
 
     async def _status(self) -> MeshStatus:
         return await asyncio.get_running_loop().run_in_executor(None, self.runtime.status)
@@ -90,6 +105,12 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def Rebalance(self, message: pb.RebalanceRequest, context):
         return await self._operation(lambda: self.runtime.rebalance(op_id=message.op_id), context)
+
+    async def VerifyExperts(self, message: pb.VerifyExpertsRequest, context):
+        repair = not message.check_only
+        report = await self._run(lambda: self.runtime.verify(repair=repair), context)
+        self.metrics.experts_verified(report.slots_checked, len(report.mismatches))
+        return integrity_report_to_proto(report)
 
     async def Drain(self, message: pb.DrainRequest, context):
         completed, aborted = await self._drain(

@@ -105,6 +105,18 @@ class ServerMetrics:
             buckets=PAUSE_BUCKETS,
             registry=r,
         )
+        self.expert_slots_verified = Counter(
+            p + "expert_slots_verified",
+            "Expert slots checked against their expert's checksum on the device (every slot a "
+            "reconfiguration wrote, and every slot of an on-demand VerifyExperts).",
+            registry=r,
+        )
+        self.expert_slots_wrong = Counter(
+            p + "expert_slots_wrong",
+            "Expert slots found holding weights other than their expert's (each was rewritten "
+            "from the host copy before serving, unless a VerifyExperts asked only to check).",
+            registry=r,
+        )
         self.mesh_epoch = Gauge(p + "mesh_epoch", "The mesh epoch.", registry=r)
         self.live_devices = Gauge(
             p + "live_devices", "Devices serving in the current mesh.", registry=r
@@ -173,9 +185,14 @@ class ServerMetrics:
             self._last_reconfiguration = last
         if initial:
             return
+        self.experts_verified(last.slots_verified, last.slots_repaired)
         kind = cause_kind(last.cause)
         self.reconfigurations.labels(cause=kind).inc()
         self.reconfiguration_pause.labels(cause=kind).observe(last.pause_ms / 1000)
+
+    def experts_verified(self, checked: int, wrong: int) -> None:
+        self.expert_slots_verified.inc(checked)
+        self.expert_slots_wrong.inc(wrong)
 
     # ---- exposition ---------------------------------------------------------------------
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:

@@ -144,7 +144,7 @@ class ElasticServer:
             GenerationService(runtime, self.tokenizer, self.tokenizer_kind, self.metrics),
             generation,
         )
-        pb_grpc.add_AdminServicer_to_server(AdminService(runtime, self.drain), admin)
+        pb_grpc.add_AdminServicer_to_server(AdminService(runtime, self.drain, self.metrics), admin)
         for server, service in ((generation, GENERATION_SERVICE), (admin, ADMIN_SERVICE)):
             checker = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(checker, server)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from elastic_moe.reconfiguration import MeshStatus, Reconfiguration
+from elastic_moe.reconfiguration import IntegrityReport, MeshStatus, Reconfiguration
 from elastic_moe.requests import FinishReason
 from models.config import ModelConfig
 from serve.proto import elastic_moe_pb2 as pb
@@ -39,6 +39,28 @@ def reconfiguration_to_proto(r: Reconfiguration) -> pb.Reconfiguration:
         requests_reprefilled=r.requests_reprefilled,
         standby_hit=bool(getattr(r, "standby_hit", False)),
         dry_run=bool(getattr(r, "dry_run", False)),
+        slots_verified=r.slots_verified,
+        slots_repaired=r.slots_repaired,
+        verify_ms=r.verify_ms,
+    )
+
+
+def integrity_report_to_proto(report: IntegrityReport) -> pb.VerifyExpertsResult:
+    return pb.VerifyExpertsResult(
+        epoch=report.epoch,
+        slots_checked=report.slots_checked,
+        mismatches=[
+            pb.SlotMismatch(
+                layer=m.layer,
+                slot=m.slot,
+                device_id=m.device_id,
+                expected_expert=m.expected_expert,
+                found_expert=m.found_expert,
+            )
+            for m in report.mismatches
+        ],
+        slots_repaired=report.slots_repaired,
+        verify_ms=report.verify_ms,
     )
 
 

@@ -26,23 +26,27 @@ def model():
     return cfg, init_params(cfg)
 
 
-def workload(n=16):
+def workload(n=16, load="even"):
+    """Requests with random prompts, or (skewed) most of them one repeated token, which sends
+    the router's load to few experts: repair then moves kept replicas, the harder case."""
     rng = np.random.default_rng(3)
     requests = []
     for i in range(n):
         prompt = rng.integers(0, 256, size=int(rng.integers(2, 30))).tolist()
+        if load == "skewed" and i % 4:
+            prompt = [1] * len(prompt)
         sampling = SamplingParams(temperature=0.9, top_k=40, seed=i) if i % 2 else SamplingParams()
         requests.append(Request(prompt, max_tokens=MAX_TOKENS - i % 5, sampling=sampling))
     return requests
 
 
-def run(cfg, params, devices, script=None):
+def run(cfg, params, devices, script=None, load="even"):
     """Runs the workload; script(step, coordinator, injector) acts before each step."""
     engine = Engine(cfg, params, devices, OPTIONS)
     coordinator = Coordinator(engine, standby=False)
     injector = FaultInjector()
     stepper = GuardedStepper(coordinator, injector)
-    requests = [engine.submit(r) for r in workload()]
+    requests = [engine.submit(r) for r in workload(load=load)]
     step = 0
     while engine.has_work():
         if script is not None:
@@ -60,8 +64,17 @@ def baseline(model, devices):
     return [r.generated for r in requests]
 
 
-def test_fail_fail_rejoin_rebalance_changes_no_token(model, devices, baseline):
+@pytest.fixture(scope="module")
+def skewed_baseline(model, devices):
     cfg, params = model
+    requests, _, _ = run(cfg, params, devices, load="skewed")
+    return [r.generated for r in requests]
+
+
+@pytest.mark.parametrize("load", ["even", "skewed"])
+def test_fail_fail_rejoin_rebalance_changes_no_token(model, devices, load, request):
+    cfg, params = model
+    baseline = request.getfixturevalue("baseline" if load == "even" else "skewed_baseline")
     seen = {}
 
     def script(step, coordinator, injector):
@@ -87,7 +100,7 @@ def test_fail_fail_rejoin_rebalance_changes_no_token(model, devices, baseline):
         if "step" in seen and step == seen["step"] + 6:
             coordinator.rebalance()
 
-    requests, coordinator, stepper = run(cfg, params, devices, script)
+    requests, coordinator, stepper = run(cfg, params, devices, script, load)
     assert "second" in seen, "a re-prefilled request was placed on a survivor"
     assert all(r.done for r in requests)
     assert [r.generated for r in requests] == baseline
@@ -95,6 +108,9 @@ def test_fail_fail_rejoin_rebalance_changes_no_token(model, devices, baseline):
     causes = [h.cause for h in coordinator.history]
     assert causes[0].startswith("fail [3]") and causes[1].startswith("fail")
     assert causes[2].startswith("rejoin") and causes[3] == "rebalance"
+    for h in coordinator.history:  # every moved slot was checked; none had to be rewritten
+        assert h.slots_verified == h.experts_copied + h.experts_restored_from_host
+        assert h.slots_repaired == 0
     assert len(stepper.detections) == 2 and stepper.detections[0].detect_ms > 0
     assert all(s is DeviceState.HEALTHY for s in coordinator.states.values())
     status = coordinator.status()

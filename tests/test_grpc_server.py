@@ -431,6 +431,29 @@ def test_metrics_endpoint_after_traffic(client, served):
     assert samples["elastic_moe_queue_length"] == 0
 
 
+def test_verify_experts_checks_every_slot_and_counts_it(served):
+    def verified_total() -> float:
+        url = f"http://127.0.0.1:{served.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        return float(
+            next(v for v in lines if v.startswith("elastic_moe_expert_slots_verified_total")).split(
+                " "
+            )[1]
+        )
+
+    before = verified_total()
+    with grpc.insecure_channel(served.admin_target) as channel:
+        stub = pb_grpc.AdminStub(channel)
+        result = stub.VerifyExperts(pb.VerifyExpertsRequest(check_only=True), timeout=60)
+        status = stub.GetMeshStatus(pb.MeshStatusRequest(), timeout=60)
+    slots = served.cfg.num_moe_layers * status.num_physical_slots
+    assert result.epoch == status.epoch
+    assert result.slots_checked == slots and list(result.mismatches) == []
+    assert result.slots_repaired == 0 and result.verify_ms > 0
+    assert verified_total() == before + slots
+
+
 # ---- admin token, TLS, configuration ---------------------------------------------------
 def test_admin_token(served):
     config = ServerConfig(host="127.0.0.1", port=0, admin_port=0, admin_token="s3cret")

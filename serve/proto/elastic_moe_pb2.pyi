@@ -181,7 +181,7 @@ class ExpertIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Reconfiguration(_message.Message):
-    __slots__ = ("from_epoch", "to_epoch", "cause", "pause_ms", "detect_ms", "plan_ms", "transfer_ms", "compile_ms", "experts_copied", "experts_restored_from_host", "requests_reprefilled", "standby_hit", "dry_run")
+    __slots__ = ("from_epoch", "to_epoch", "cause", "pause_ms", "detect_ms", "plan_ms", "transfer_ms", "compile_ms", "experts_copied", "experts_restored_from_host", "requests_reprefilled", "standby_hit", "dry_run", "slots_verified", "slots_repaired", "verify_ms")
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     TO_EPOCH_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,9 @@ class Reconfiguration(_message.Message):
     REQUESTS_REPREFILLED_FIELD_NUMBER: _ClassVar[int]
     STANDBY_HIT_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
     from_epoch: int
     to_epoch: int
     cause: str
@@ -208,7 +211,10 @@ class Reconfiguration(_message.Message):
     requests_reprefilled: int
     standby_hit: bool
     dry_run: bool
-    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., cause: _Optional[str] = ..., pause_ms: _Optional[float] = ..., detect_ms: _Optional[float] = ..., plan_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., compile_ms: _Optional[float] = ..., experts_copied: _Optional[int] = ..., experts_restored_from_host: _Optional[int] = ..., requests_reprefilled: _Optional[int] = ..., standby_hit: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    slots_verified: int
+    slots_repaired: int
+    verify_ms: float
+    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., cause: _Optional[str] = ..., pause_ms: _Optional[float] = ..., detect_ms: _Optional[float] = ..., plan_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., compile_ms: _Optional[float] = ..., experts_copied: _Optional[int] = ..., experts_restored_from_host: _Optional[int] = ..., requests_reprefilled: _Optional[int] = ..., standby_hit: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., slots_verified: _Optional[int] = ..., slots_repaired: _Optional[int] = ..., verify_ms: _Optional[float] = ...) -> None: ...
 
 class MeshStatus(_message.Message):
     __slots__ = ("epoch", "state", "devices", "num_logical_experts", "num_physical_slots", "min_live_replicas", "active_requests", "queued_requests", "last")
@@ -279,3 +285,37 @@ class DrainResult(_message.Message):
     completed: int
     aborted: int
     def __init__(self, completed: _Optional[int] = ..., aborted: _Optional[int] = ...) -> None: ...
+
+class VerifyExpertsRequest(_message.Message):
+    __slots__ = ("check_only",)
+    CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
+    check_only: bool
+    def __init__(self, check_only: _Optional[bool] = ...) -> None: ...
+
+class SlotMismatch(_message.Message):
+    __slots__ = ("layer", "slot", "device_id", "expected_expert", "found_expert")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    FOUND_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    slot: int
+    device_id: int
+    expected_expert: int
+    found_expert: int
+    def __init__(self, layer: _Optional[int] = ..., slot: _Optional[int] = ..., device_id: _Optional[int] = ..., expected_expert: _Optional[int] = ..., found_expert: _Optional[int] = ...) -> None: ...
+
+class VerifyExpertsResult(_message.Message):
+    __slots__ = ("epoch", "slots_checked", "mismatches", "slots_repaired", "verify_ms")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    slots_checked: int
+    mismatches: _containers.RepeatedCompositeFieldContainer[SlotMismatch]
+    slots_repaired: int
+    verify_ms: float
+    def __init__(self, epoch: _Optional[int] = ..., slots_checked: _Optional[int] = ..., mismatches: _Optional[_Iterable[_Union[SlotMismatch, _Mapping]]] = ..., slots_repaired: _Optional[int] = ..., verify_ms: _Optional[float] = ...) -> None: ...

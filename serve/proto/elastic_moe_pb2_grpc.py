@@ -226,6 +226,11 @@ class AdminStub:
                 request_serializer=elastic__moe__pb2.DrainRequest.SerializeToString,
                 response_deserializer=elastic__moe__pb2.DrainResult.FromString,
                 _registered_method=True)
+        self.VerifyExperts = channel.unary_unary(
+                '/elastic_moe.v1.Admin/VerifyExperts',
+                request_serializer=elastic__moe__pb2.VerifyExpertsRequest.SerializeToString,
+                response_deserializer=elastic__moe__pb2.VerifyExpertsResult.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -270,6 +275,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyExperts(self, request, context):
+        """Added: checks every expert slot of the serving mesh against its expert's checksum, on the
+        devices, at a step boundary; rewrites each wrong slot from the host copy (or the
+        checkpoint) unless check_only. Every reconfiguration already checks the slots it wrote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -302,6 +316,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=elastic__moe__pb2.DrainRequest.FromString,
                     response_serializer=elastic__moe__pb2.DrainResult.SerializeToString,
+            ),
+            'VerifyExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyExperts,
+                    request_deserializer=elastic__moe__pb2.VerifyExpertsRequest.FromString,
+                    response_serializer=elastic__moe__pb2.VerifyExpertsResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -466,6 +485,33 @@ class Admin:
             '/elastic_moe.v1.Admin/Drain',
             elastic__moe__pb2.DrainRequest.SerializeToString,
             elastic__moe__pb2.DrainResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elastic_moe.v1.Admin/VerifyExperts',
+            elastic__moe__pb2.VerifyExpertsRequest.SerializeToString,
+            elastic__moe__pb2.VerifyExpertsResult.FromString,
             options,
             channel_credentials,
             insecure,
