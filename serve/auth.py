@@ -43,7 +43,9 @@ def check_token(metadata, token: str) -> tuple[grpc.StatusCode, str] | None:
     if not values:
         return (
             grpc.StatusCode.UNAUTHENTICATED,
-            "this Admin call needs the admin token: send metadata 'authorization: Bearer <token>'",
+            "this Admin call needs the admin token: the elastic-moe CLI takes --admin-token or "
+            f"${TOKEN_ENV}, serve.client.Client admin_token= (or the same variable), other gRPC "
+            "clients send metadata 'authorization: Bearer <token>'",
         )
     scheme, _, sent = str(values[0]).partition(" ")
     if scheme.lower() != "bearer" or not sent:

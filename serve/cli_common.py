@@ -169,11 +169,21 @@ def describe_rpc_error(error: Any, target: str) -> str:
     details = (error.details() if callable(getattr(error, "details", None)) else "") or str(error)
     details = " ".join(details.split())
     if code == grpc.StatusCode.UNAVAILABLE:
+        if getattr(error, "admin_target", None):  # serve.client.AdminUnreachable names it
+            return details
         return f"cannot reach {target}: {details}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"{target} did not answer in time: {details}"
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return f"{target} refused the admin call ({code.name.lower()}): {details}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            f"{target} needs the admin token: pass --admin-token TOKEN or set "
+            f"${ADMIN_TOKEN_ENV} (the server said: {details})"
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return (
+            f"{target} refused the admin token: check --admin-token or ${ADMIN_TOKEN_ENV} "
+            f"(the server said: {details})"
+        )
     return details if code is None else f"{details} ({code.name})"
 
 

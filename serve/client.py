@@ -8,13 +8,22 @@
         client.fail([3], reason="maintenance")
 
 `AsyncClient` has the same methods as coroutines and async iterators (grpc.aio). Errors are the
-server's `grpc.RpcError` unchanged: read `.code()` and `.details()`. Admin calls go to
-`admin_target` (default: the same host, port 50052) with the admin token, when there is one
-(argument or $ELASTIC_MOE_ADMIN_TOKEN), sent as `authorization: Bearer <token>`.
+server's `grpc.RpcError` unchanged: read `.code()` and `.details()`; an Admin call that cannot
+reach its server raises `AdminUnreachable` (a `grpc.RpcError` too) naming the address it tried.
+
+The Admin API listens on its own port, so the client needs two addresses:
+
+    Client("10.0.0.7:50051", admin_target="10.0.0.7:6000", admin_token="s3cret")
+
+`admin_target` defaults to the host of `target` on port 50052 (the server's default
+--admin-port); pass it whenever the server runs with another --admin-port (or --admin-port 0).
+`admin_token` defaults to $ELASTIC_MOE_ADMIN_TOKEN; it is sent on Admin calls only, as
+`authorization: Bearer <token>`, and needed when the server has one (`--admin-token`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +73,32 @@ class Completion:
             self.completion_tokens = c.completion_tokens
             self.reprefills = c.reprefills
             self.ttft_ms = c.ttft_ms
+
+
+class AdminUnreachable(grpc.RpcError):
+    """An Admin call found no server at `admin_target`. `code()` is UNAVAILABLE and `details()`
+    names the address tried (and, when it was the default, how to give another); `error` is
+    the original gRPC error."""
+
+    def __init__(self, error: grpc.RpcError, admin_target: str, defaulted: bool):
+        self.error, self.admin_target, self.defaulted = error, admin_target, defaulted
+        super().__init__(self.details())
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        where = f"cannot reach {self.admin_target}, the Admin address"
+        if self.defaulted:
+            where += (
+                f" (by default the Generation host on port {DEFAULT_ADMIN_PORT}; pass "
+                "admin_target='HOST:PORT' with the server's --admin-port)"
+            )
+        original = self.error.details() if callable(getattr(self.error, "details", None)) else ""
+        return f"{where}: {original or self.error}"
+
+    def __str__(self) -> str:
+        return self.details()
 
 
 def admin_target_for(target: str, port: int = DEFAULT_ADMIN_PORT) -> str:
@@ -117,7 +152,12 @@ class _Base:
         timeout: float | None = None,
         tls_ca: str | None = None,
     ):
+        """target: the Generation address (HOST:PORT). admin_target: the Admin address
+        (default: target's host on port 50052). admin_token: sent on Admin calls (default
+        $ELASTIC_MOE_ADMIN_TOKEN; "" for none). timeout: seconds per call (None: no limit).
+        tls_ca: a PEM file of the CA that signed the server's certificate (TLS)."""
         self.target = target
+        self._admin_defaulted = not admin_target
         self.admin_target = admin_target or admin_target_for(target)
         self.admin_token = resolve_admin_token(admin_token)
         self.timeout = timeout
@@ -126,6 +166,45 @@ class _Base:
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    @contextlib.contextmanager
+    def _reaching_admin(self):
+        """Turns "no server there" on the Admin port into AdminUnreachable (with the address)."""
+        try:
+            yield
+        except grpc.RpcError as error:
+            code = error.code() if callable(getattr(error, "code", None)) else None
+            if code != grpc.StatusCode.UNAVAILABLE or isinstance(error, AdminUnreachable):
+                raise
+            raise AdminUnreachable(error, self.admin_target, self._admin_defaulted) from None
+
+
+class _AdminStream:
+    """A server stream of Admin messages (the call's other methods, like cancel(), pass
+    through) whose errors go through _reaching_admin."""
+
+    def __init__(self, call, reaching):
+        self._call, self._reaching = call, reaching
+        self._iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self._reaching():
+            return next(self._call)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._iterator is None:
+            self._iterator = self._call.__aiter__()
+        with self._reaching():
+            return await self._iterator.__anext__()
+
+    def __getattr__(self, name: str):
+        return getattr(self._call, name)
 
 
 class Client(_Base):
@@ -195,13 +274,15 @@ class Client(_Base):
 
     # ---- Admin --------------------------------------------------------------------------
     def mesh_status(self) -> pb.MeshStatus:
-        return self._admin.GetMeshStatus(
-            pb.MeshStatusRequest(), timeout=self.timeout, metadata=self._admin_metadata
-        )
+        with self._reaching_admin():
+            return self._admin.GetMeshStatus(
+                pb.MeshStatusRequest(), timeout=self.timeout, metadata=self._admin_metadata
+            )
 
     def watch_mesh(self) -> Iterator[pb.MeshStatus]:
         """The status now, then one after every change; `.cancel()` the result to stop."""
-        return self._admin.WatchMeshStatus(pb.MeshStatusRequest(), metadata=self._admin_metadata)
+        call = self._admin.WatchMeshStatus(pb.MeshStatusRequest(), metadata=self._admin_metadata)
+        return _AdminStream(call, self._reaching_admin)
 
     def fail(
         self, device_ids: Iterable[int], *, reason: str = "", op_id: str = "", dry_run: bool = False
@@ -209,24 +290,32 @@ class Client(_Base):
         message = pb.FailDevicesRequest(
             device_ids=list(device_ids), reason=reason, op_id=op_id, dry_run=dry_run
         )
-        return self._admin.FailDevices(message, timeout=self.timeout, metadata=self._admin_metadata)
+        with self._reaching_admin():
+            return self._admin.FailDevices(
+                message, timeout=self.timeout, metadata=self._admin_metadata
+            )
 
     def rejoin(self, device_ids: Iterable[int], *, op_id: str = "") -> pb.ReconfigureResult:
         message = pb.RejoinDevicesRequest(device_ids=list(device_ids), op_id=op_id)
-        return self._admin.RejoinDevices(
-            message, timeout=self.timeout, metadata=self._admin_metadata
-        )
+        with self._reaching_admin():
+            return self._admin.RejoinDevices(
+                message, timeout=self.timeout, metadata=self._admin_metadata
+            )
 
     def rebalance(self, *, op_id: str = "") -> pb.ReconfigureResult:
-        return self._admin.Rebalance(
-            pb.RebalanceRequest(op_id=op_id), timeout=self.timeout, metadata=self._admin_metadata
-        )
+        with self._reaching_admin():
+            return self._admin.Rebalance(
+                pb.RebalanceRequest(op_id=op_id),
+                timeout=self.timeout,
+                metadata=self._admin_metadata,
+            )
 
     def drain(self, timeout_s: int = 30) -> pb.DrainResult:
         timeout = self.timeout if self.timeout is None else max(self.timeout, timeout_s + 30)
-        return self._admin.Drain(
-            pb.DrainRequest(timeout_s=timeout_s), timeout=timeout, metadata=self._admin_metadata
-        )
+        with self._reaching_admin():
+            return self._admin.Drain(
+                pb.DrainRequest(timeout_s=timeout_s), timeout=timeout, metadata=self._admin_metadata
+            )
 
     def close(self) -> None:
         self._channel.close()
@@ -308,12 +397,14 @@ class AsyncClient(_Base):
 
     # ---- Admin --------------------------------------------------------------------------
     async def mesh_status(self) -> pb.MeshStatus:
-        return await self._admin.GetMeshStatus(
-            pb.MeshStatusRequest(), timeout=self.timeout, metadata=self._admin_metadata
-        )
+        with self._reaching_admin():
+            return await self._admin.GetMeshStatus(
+                pb.MeshStatusRequest(), timeout=self.timeout, metadata=self._admin_metadata
+            )
 
     def watch_mesh(self) -> AsyncIterator[pb.MeshStatus]:
-        return self._admin.WatchMeshStatus(pb.MeshStatusRequest(), metadata=self._admin_metadata)
+        call = self._admin.WatchMeshStatus(pb.MeshStatusRequest(), metadata=self._admin_metadata)
+        return _AdminStream(call, self._reaching_admin)
 
     async def fail(
         self, device_ids: Iterable[int], *, reason: str = "", op_id: str = "", dry_run: bool = False
@@ -321,26 +412,32 @@ class AsyncClient(_Base):
         message = pb.FailDevicesRequest(
             device_ids=list(device_ids), reason=reason, op_id=op_id, dry_run=dry_run
         )
-        return await self._admin.FailDevices(
-            message, timeout=self.timeout, metadata=self._admin_metadata
-        )
+        with self._reaching_admin():
+            return await self._admin.FailDevices(
+                message, timeout=self.timeout, metadata=self._admin_metadata
+            )
 
     async def rejoin(self, device_ids: Iterable[int], *, op_id: str = "") -> pb.ReconfigureResult:
         message = pb.RejoinDevicesRequest(device_ids=list(device_ids), op_id=op_id)
-        return await self._admin.RejoinDevices(
-            message, timeout=self.timeout, metadata=self._admin_metadata
-        )
+        with self._reaching_admin():
+            return await self._admin.RejoinDevices(
+                message, timeout=self.timeout, metadata=self._admin_metadata
+            )
 
     async def rebalance(self, *, op_id: str = "") -> pb.ReconfigureResult:
-        return await self._admin.Rebalance(
-            pb.RebalanceRequest(op_id=op_id), timeout=self.timeout, metadata=self._admin_metadata
-        )
+        with self._reaching_admin():
+            return await self._admin.Rebalance(
+                pb.RebalanceRequest(op_id=op_id),
+                timeout=self.timeout,
+                metadata=self._admin_metadata,
+            )
 
     async def drain(self, timeout_s: int = 30) -> pb.DrainResult:
         timeout = self.timeout if self.timeout is None else max(self.timeout, timeout_s + 30)
-        return await self._admin.Drain(
-            pb.DrainRequest(timeout_s=timeout_s), timeout=timeout, metadata=self._admin_metadata
-        )
+        with self._reaching_admin():
+            return await self._admin.Drain(
+                pb.DrainRequest(timeout_s=timeout_s), timeout=timeout, metadata=self._admin_metadata
+            )
 
     async def close(self) -> None:
         await self._channel.close()
