@@ -41,14 +41,22 @@ SIGTERM or Ctrl-C drains: no new requests, running ones finish (up to --drain-ti
 
 GENERATE_EPILOG = """\
 examples:
-  elastic-moe generate --server 127.0.0.1:50051 --prompt "Hello" --max-tokens 32
+  elastic-moe generate --server 127.0.0.1:50051 --prompt "THE FOX AND THE " --max-tokens 60
+  elastic-moe generate --preset tiny-fables --prompt "THE LION AND THE " --max-tokens 80
   elastic-moe generate --preset tiny-mixtral --prompt-tokens 1,2,3,4,5 --max-tokens 32 --json
-  elastic-moe generate --preset tiny-mixtral --devices 8 --prompt-tokens 1,2,3,4,5 \\
-      --max-tokens 32 --json --inject-failure 5:3 --inject-failure 9:6 --inject-rejoin 20:3
-Offline (no --server) the engine runs in this process. --inject-failure STEP:DEVICE breaks
-DEVICE before engine step STEP (0 = the prefill step; each later step decodes one token): the
-step fails, detection finds the dead device and the mesh shrinks. --inject-rejoin STEP:DEVICE
-repairs it and brings it back before step STEP. The tokens must not change."""
+  elastic-moe generate --preset tiny-fables --devices 8 --prompt "THE FOX AND THE " \\
+      --max-tokens 40 --inject-failure 5:0 --inject-failure 9:1 --inject-rejoin 20:0
+Offline (no --server) the engine runs in this process. The request starts on the first device
+of the run (device 0) and, re-prefilled after a loss, continues on the first survivor.
+--inject-failure STEP:DEVICE breaks DEVICE before engine step STEP: the step fails, detection
+finds the dead device, the mesh shrinks and the device's requests are re-prefilled on the
+survivors. --inject-rejoin STEP:DEVICE repairs DEVICE and brings it back before step STEP.
+Steps count from 0: step 0 prefills the prompt and decodes once, so it makes the first 2
+tokens, and each later step makes 1 more (N tokens without faults take steps 0 to N-2); a
+failed step makes none, and the step that re-prefills a request makes 2 again. With faults
+injected the request runs again on a fresh engine without them and the tokens are compared:
+"tokens equal: yes", or "no" and exit status 1 (--no-compare skips that run; --compare asks for
+it when no fault is injected)."""
 
 MESH_EPILOG = """\
 examples:
@@ -291,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="STEP:DEVICE",
-        help="offline: break DEVICE before engine step STEP (repeatable)",
+        help="offline: break DEVICE before engine step STEP (repeatable; step 0 makes the "
+        "first 2 tokens, each later step 1 more: see below)",
     )
     gen.add_argument(
         "--inject-rejoin",
@@ -301,11 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEP:DEVICE",
         help="offline: repair DEVICE and rejoin it before engine step STEP (repeatable)",
     )
+    gen.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="offline: run the request again without faults and say whether the tokens are "
+        "equal (default: on when faults are injected)",
+    )
     gen.add_argument("--timeout", type=float, metavar="S", help="--server: request deadline")
     gen.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (token_ids, logprobs, text, finish_reason, epochs, ...)",
+        help="print one JSON object (token_ids, logprobs, text, finish_reason, epochs, "
+        "tokens_equal, ...)",
     )
     gen.add_argument("--tokens", action="store_true", help="stream token ids instead of text")
 
@@ -412,16 +429,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Combinations argparse cannot express; parser.error exits 2."""
+    """Combinations argparse cannot express; .error exits 2 with the command's own usage."""
+    command = _command_parser(parser, args.command)
     if args.command == "generate" and args.server is not None:
-        for flag in ("inject_failure", "inject_rejoin"):
+        for flag in ("inject_failure", "inject_rejoin", "compare"):
             if getattr(args, flag):
-                parser.error(
+                command.error(
                     f"--{flag.replace('_', '-')} works offline only (--preset or --checkpoint); "
                     "against a server use `elastic-moe mesh fail/rejoin`"
                 )
     if args.command == "serve" and (args.tls_cert is None) != (args.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together")
+        command.error("--tls-cert and --tls-key go together")
+
+
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The subcommand's parser, so that a usage error prints that command's usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return parser
 
 
 def _run(args: argparse.Namespace) -> int:

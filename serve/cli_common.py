@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,19 @@ def make_console(stderr: bool = False):
     if not out.is_terminal and not os.environ.get("COLUMNS"):
         out = Console(stderr=stderr, highlight=False, width=160)
     return out
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (but newlines and tabs) escaped, so that model output
+    cannot move the cursor, clear or retitle a terminal: "\x1b" prints as the 4 characters
+    \x1b. The text a model makes is whatever it samples (random weights: any byte)."""
+    return "".join(_escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    if char in "\n\t" or unicodedata.category(char) != "Cc":
+        return char
+    return repr(char)[1:-1]
 
 
 def print_json(obj: Any) -> None:

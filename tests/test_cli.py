@@ -288,6 +288,10 @@ def test_offline_generate_with_failures_and_rejoin_changes_nothing(offline_refer
     assert injected["final_epoch"] == 3 and injected["epochs"][-1] == 3
     assert injected["serving_devices"] == [0, 1, 2, 3, 4, 5, 7]
     assert offline_reference["reconfigurations"] == [] and offline_reference["epochs"][-1] == 0
+    # With faults the CLI ran the failure-free reference itself; without, it compared nothing.
+    assert injected["tokens_equal"] is True
+    assert injected["reference_token_ids"] == offline_reference["token_ids"]
+    assert offline_reference["tokens_equal"] is None
 
 
 def test_offline_generate_text_streams_and_reports():
