@@ -1,9 +1,16 @@
 """Named model configurations: tiny random models for tests and the demo, real shapes for
-benchmarks (random weights)."""
+benchmarks (random weights), and the names of the models the project trained (models/trained/,
+loaded by elastic_moe.checkpoint.load_model)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from models.config import ModelConfig
+
+TRAINED_DIR = Path(__file__).resolve().parent / "trained"
+MANIFEST = "elastic_moe.json"  # the checkpoint's manifest: {"config": ModelConfig fields, ...}
 
 _TINY = dict(vocab_size=256, d_model=64, num_layers=2, max_seq_len=128, rms_norm_eps=1e-6)
 
@@ -142,3 +149,12 @@ def get_preset(name: str) -> ModelConfig:
     except KeyError:
         known = ", ".join(sorted(PRESETS))
         raise KeyError(f"unknown preset {name!r}; known presets: {known}") from None
+
+
+def trained_configs() -> dict[str, ModelConfig]:
+    """The configs of the models trained by the project and shipped in models/trained/, by name,
+    read from their manifests without loading any weight (and without importing jax)."""
+    configs = {}
+    for manifest in sorted(TRAINED_DIR.glob(f"*/{MANIFEST}")):
+        configs[manifest.parent.name] = ModelConfig(**json.loads(manifest.read_text())["config"])
+    return configs

@@ -24,19 +24,21 @@ On a machine without accelerators the devices are simulated CPU devices (--devic
 EPILOG = """\
 examples:
   elastic-moe demo                                   fail devices under live traffic
-  elastic-moe serve --preset tiny-mixtral --devices 8 --redundant-experts 8
-  elastic-moe generate --server 127.0.0.1:50051 --prompt "Hello" --max-tokens 32
+  elastic-moe presets                                the models you can name with --preset
+  elastic-moe serve --preset tiny-fables --devices 8
+  elastic-moe generate --server 127.0.0.1:50051 --prompt "THE FOX AND THE " --max-tokens 60
   elastic-moe mesh status
   elastic-moe mesh fail 3 --reason "ECC errors"
 run `elastic-moe COMMAND --help` for a command's options."""
 
 SERVE_EPILOG = """\
 examples:
-  elastic-moe serve --preset tiny-mixtral --devices 8 --redundant-experts 8
+  elastic-moe serve --preset tiny-fables --devices 8
   elastic-moe serve --checkpoint ./Mixtral-8x7B-v0.1 --port 50051 --admin-port 50052
   elastic-moe serve --preset tiny-mixtral --port 0 --admin-port 0     (any free ports)
-The bound addresses are printed as:
+The server is ready once it prints, on stdout (one JSON object with --json):
   serving generation on 127.0.0.1:PORT, admin on 127.0.0.1:PORT
+(progress goes to stderr). Port 0 picks a free port; --metrics-port 0 leaves metrics off.
 SIGTERM or Ctrl-C drains: no new requests, running ones finish (up to --drain-timeout)."""
 
 GENERATE_EPILOG = """\
@@ -77,6 +79,13 @@ examples:
 Starts a server on simulated CPU devices, streams requests through the gRPC client, fails two
 devices and rejoins them, then checks every output against a failure-free run. Exits 0 only
 when no request was lost and every output is unchanged."""
+
+PRESETS_EPILOG = """\
+examples:
+  elastic-moe presets
+  elastic-moe presets --json
+Random-weight presets print byte noise as text; use --prompt-tokens with them, or a trained
+model (tiny-fables) for readable text."""
 
 BENCH_EPILOG = """\
 examples:
@@ -148,7 +157,12 @@ def _host_port(text: str) -> str:
 
 def _add_model_source(parser: argparse.ArgumentParser, required: bool) -> None:
     source = parser.add_mutually_exclusive_group(required=required)
-    source.add_argument("--preset", metavar="NAME", help="a named model with random weights")
+    source.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a named model: a preset (random weights) or a model the project trained "
+        "(`elastic-moe presets` lists them)",
+    )
     source.add_argument(
         "--checkpoint",
         metavar="DIR",
@@ -163,8 +177,10 @@ def _add_engine_options(parser: argparse.ArgumentParser, devices_help: str) -> N
         "--redundant-experts",
         type=_non_negative_int,
         metavar="R",
-        help="extra expert slots over the whole mesh; with R >= num_experts a device loss "
-        "needs no weight copy",
+        help="extra expert slots over the whole mesh, beyond the model's experts; with R >= "
+        "num_experts a device loss needs no weight copy (default: the model's expert count, "
+        "one spare replica of each expert; 0 on one device. The Python API's "
+        "EngineOptions.redundant_experts defaults to 0)",
     )
     parser.add_argument(
         "--request-slots-per-device",
@@ -203,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # ---- serve --------------------------------------------------------------------------
@@ -215,8 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_source(serve, required=True)
     _add_engine_options(serve, "devices to serve on (default: every accelerator, or 8 CPU)")
-    serve.add_argument("--port", type=_port, default=50051, metavar="P", help="default 50051")
-    serve.add_argument("--admin-port", type=_port, default=50052, metavar="A", help="default 50052")
+    serve.add_argument(
+        "--port", type=_port, default=50051, metavar="P", help="default 50051; 0: any free port"
+    )
+    serve.add_argument(
+        "--admin-port",
+        type=_port,
+        default=50052,
+        metavar="A",
+        help="default 50052; 0: any free port",
+    )
     serve.add_argument(
         "--host",
         default="127.0.0.1",
@@ -233,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=_port,
         metavar="M",
-        help="serve Prometheus /metrics on 127.0.0.1:M (default: off)",
+        help="serve Prometheus /metrics on 127.0.0.1:M (default, and 0: off)",
     )
     serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (with --tls-key)")
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key (with --tls-cert)")
@@ -277,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument(
         "--server", type=_host_port, metavar="HOST:PORT", help="a running elastic-moe server"
     )
-    target.add_argument("--preset", metavar="NAME", help="offline: a preset (random weights)")
+    target.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="offline: a named model (`elastic-moe presets` lists them)",
+    )
     target.add_argument("--checkpoint", metavar="DIR", help="offline: a model directory")
     _add_engine_options(gen, "offline: devices to run on (default 8)")
     gen.add_argument(
@@ -337,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     mesh_commands = mesh.add_subparsers(dest="mesh_command", metavar="ACTION", required=True)
     status = mesh_commands.add_parser(
         "status",
+        description=(
+            "Show the server's devices, their state, the expert slots and replicas, and the "
+            "last reconfiguration with its pause breakdown."
+        ),
         help="devices, expert slots, replicas and the last reconfiguration",
         epilog="example: elastic-moe mesh status --json",
         formatter_class=formatter,
@@ -344,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_options(status)
     watch = mesh_commands.add_parser(
         "watch",
+        description="Follow the mesh live: redraw the status after every change, until Ctrl-C.",
         help="follow the mesh live until Ctrl-C",
         epilog="example: elastic-moe mesh watch    (--json prints one object per change)",
         formatter_class=formatter,
@@ -351,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_options(watch)
     fail = mesh_commands.add_parser(
         "fail",
+        description=(
+            "Declare devices failed: the server moves serving onto the survivors and "
+            "re-prefills the failed devices' requests. --dry-run shows the plan only."
+        ),
         help="declare devices failed and reconfigure onto the survivors",
         epilog='example: elastic-moe mesh fail 3 --reason "ECC errors" --op-id maint-42',
         formatter_class=formatter,
@@ -364,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_options(fail)
     rejoin = mesh_commands.add_parser(
         "rejoin",
+        description=(
+            "Bring failed devices back: they get expert slots, experts and request capacity again."
+        ),
         help="bring failed devices back into the mesh",
         epilog="example: elastic-moe mesh rejoin 3 5",
         formatter_class=formatter,
@@ -375,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_options(rejoin)
     rebalance = mesh_commands.add_parser(
         "rebalance",
+        description=(
+            "Re-place the experts by the load the router observed, online, without stopping "
+            "generation."
+        ),
         help="re-place experts by observed load, online",
         epilog="example: elastic-moe mesh rebalance --json",
         formatter_class=formatter,
@@ -414,6 +459,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-live", action="store_true", help="plain lines, no live display")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    # ---- presets ------------------------------------------------------------------------
+    presets = commands.add_parser(
+        "presets",
+        help="list the models --preset accepts, with their shapes",
+        description="List the models --preset accepts: tiny random ones for tests and the "
+        "demo, real shapes with random weights for benchmarks, and the models the project "
+        "trained.",
+        epilog=PRESETS_EPILOG,
+        formatter_class=formatter,
+    )
+    presets.add_argument("--json", action="store_true", help="print one JSON object")
+
     # ---- bench --------------------------------------------------------------------------
     bench = commands.add_parser(
         "bench",
@@ -432,11 +489,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Combinations argparse cannot express; .error exits 2 with the command's own usage."""
     command = _command_parser(parser, args.command)
     if args.command == "generate" and args.server is not None:
+        server_way = "; on a server use `elastic-moe mesh fail/rejoin`"
         for flag in ("inject_failure", "inject_rejoin", "compare"):
             if getattr(args, flag):
                 command.error(
-                    f"--{flag.replace('_', '-')} works offline only (--preset or --checkpoint); "
-                    "against a server use `elastic-moe mesh fail/rejoin`"
+                    f"--{flag.replace('_', '-')} works offline only (--preset or --checkpoint)"
+                    + ("" if flag == "compare" else server_way)
                 )
     if args.command == "serve" and (args.tls_cert is None) != (args.tls_key is None):
         command.error("--tls-cert and --tls-key go together")
@@ -448,6 +506,15 @@ def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.Argu
         if isinstance(action, argparse._SubParsersAction) and name in action.choices:
             return action.choices[name]
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("elastic-moe")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -474,6 +541,10 @@ def _run(args: argparse.Namespace) -> int:
         from serve.cli_bench import run_bench
 
         return run_bench(args)
+    if args.command == "presets":
+        from serve.cli_presets import run_presets
+
+        return run_presets(args)
     raise AssertionError(args.command)
 
 

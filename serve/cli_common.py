@@ -114,12 +114,14 @@ def check_model_source(preset: str | None, checkpoint: str | None) -> None:
         if not path.is_dir():
             raise CliError(f"--checkpoint {checkpoint} is not a directory")
         return
-    from elastic_moe.checkpoint import trained_models
-    from models.presets import PRESETS
+    from models.presets import PRESETS, trained_configs
 
-    known = list(PRESETS) + trained_models()
+    known = list(PRESETS) + list(trained_configs())
     if preset not in known:
-        raise CliError(f"unknown preset {preset!r}; known presets: {', '.join(known)}")
+        raise CliError(
+            f"unknown preset {preset!r}; known presets: {', '.join(known)} "
+            "(`elastic-moe presets` shows their shapes)"
+        )
 
 
 def load_model(preset: str | None, checkpoint: str | None, *, progress: bool = False):
@@ -194,11 +196,16 @@ def reconfiguration_dict(summary: Any) -> dict[str, Any]:
     if isinstance(summary, dict):
         return dict(summary)
     if dataclasses.is_dataclass(summary):
-        return dataclasses.asdict(summary)
+        out = dataclasses.asdict(summary)
+        out["kind"] = summary.kind.value
+        return out
     out = {name: getattr(summary, name) for name in RECONFIGURATION_FIELDS}
-    for extra in ("dry_run", "standby_hit"):
+    for extra in ("dry_run", "standby_hit", "slots_verified", "slots_repaired", "verify_ms"):
         if hasattr(summary, extra):
             out[extra] = getattr(summary, extra)
+    if hasattr(summary, "kind"):  # the proto enum: KIND_FAIL -> "fail"
+        name = summary.DESCRIPTOR.fields_by_name["kind"].enum_type.values_by_number
+        out["kind"] = name[summary.kind].name.removeprefix("KIND_").lower()
     return out
 
 
@@ -235,6 +242,9 @@ def reconfiguration_table(summary: Any, title: str = "reconfiguration"):
     table.add_row("requests re-prefilled", str(r["requests_reprefilled"]))
     if "standby_hit" in r:
         table.add_row("standby programs ready", "yes" if r["standby_hit"] else "no")
+    if "slots_verified" in r:
+        table.add_row("slots checked (checksum)", str(r["slots_verified"]))
+        table.add_row("wrong slots rewritten", str(r["slots_repaired"]))
     return table
 
 
