@@ -13,7 +13,10 @@ Replica counts (`replica_counts`, E experts, R = N*S - E redundant slots). First
 aware floor: every expert gets a second replica once R >= E (then no single device loss orphans
 an expert); none get one for R <= E/2; in between the 2R - E heaviest do, so that one lost
 device changes few counts. The rest follows DeepSeek EPLB: each further slot goes to the
-expert with the highest load / replicas (ties: fewer replicas, then lower index).
+expert with the highest load / replicas (ties: fewer replicas, then lower index). That is the
+"survive" policy, the default of `place` and `repair`; "balance" (pure EPLB) and "auto" (balance
+first, within a budget of experts to restore from the host after any single loss) are in
+mesh/placement_policy.py, with what they promise.
 
 Packing (`place`) deals the replicas, heaviest first (ties: lower expert id), in S rounds of N:
 in each round the heaviest replica goes to the least-loaded device, the next to the next
@@ -167,13 +170,7 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     Returns [layers, num_experts] int64 summing to num_slots in every layer.
     """
     layers, experts = load.shape
-    if num_slots < experts:
-        raise PlacementError(f"{num_slots} slots cannot hold {experts} experts")
-    if num_slots > experts * max_replicas:
-        raise PlacementError(
-            f"{num_slots} slots exceed {experts} experts x {max_replicas} replicas each: "
-            "raise max_replicas or use fewer slots"
-        )
+    check_slots(num_slots, experts, max_replicas)
     counts = np.ones((layers, experts), dtype=np.int64)
     counts[_heaviest(load, _guaranteed_second(num_slots, experts, max_replicas))] = 2
     extra = num_slots - counts.sum(axis=1)
@@ -181,6 +178,17 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
         return counts
     counts += _counts_above_threshold(load, extra, counts, max_replicas)
     return _greedy_counts(load, counts, num_slots, max_replicas)
+
+
+def check_slots(num_slots: int, num_experts: int, max_replicas: int) -> None:
+    """Raise PlacementError unless E <= num_slots <= E * max_replicas (a valid layout exists)."""
+    if num_slots < num_experts:
+        raise PlacementError(f"{num_slots} slots cannot hold {num_experts} experts")
+    if num_slots > num_experts * max_replicas:
+        raise PlacementError(
+            f"{num_slots} slots exceed {num_experts} experts x {max_replicas} replicas each: "
+            "raise max_replicas or use fewer slots"
+        )
 
 
 def _guaranteed_second(num_slots, num_experts, max_replicas):
@@ -205,7 +213,8 @@ def _heaviest(load, k):
 def _counts_above_threshold(load, extra, floor, cap):
     """[layers, num_experts] extra replicas surely among the greedy's first `extra` picks.
 
-    extra: [layers] slots left to hand out; floor: [layers, num_experts] counts so far.
+    extra: [layers] slots left to hand out; floor: [layers, num_experts] counts so far;
+    cap: int or [layers, num_experts] int, the most replicas each expert may get.
     The greedy's picks are the `extra` largest priorities load / c (c = floor, ..., cap - 1);
     load / c > t for ceil(load / t) - floor of them. Bisect a per-layer t at which at most
     `extra` priorities exceed t (rounded up): all of those are picks. `_greedy_counts` finishes.
@@ -233,23 +242,26 @@ def _greedy_counts(load, counts, num_slots, cap):
     expert's next counts c; each layer takes them at once from the next `k` counts per expert,
     and doubles `k` in the rare case an expert might want more than `k`.
     load, counts: [layers, num_experts]; counts is edited and returned.
+    cap: int or [layers, num_experts] int, the most replicas each expert may get.
     """
     layers, experts = load.shape
     remaining = num_slots - counts.sum(axis=1)
+    cap = np.broadcast_to(cap, load.shape)
     for layer in np.flatnonzero(remaining):
         m = int(remaining[layer])
         k = 4 + m // experts  # enough candidates for m picks
+        cap_l = cap[layer]
         while True:
             c = counts[layer][:, None] + np.arange(k)  # [num_experts, k]
             with np.errstate(divide="ignore", invalid="ignore"):
-                prio = np.where(c < cap, load[layer][:, None] / c, -np.inf).ravel()
+                prio = np.where(c < cap_l[:, None], load[layer][:, None] / c, -np.inf).ravel()
             v = np.partition(-prio, m - 1)[m - 1]  # minus the m-th largest priority
             picked = -prio < v
             ties = np.flatnonzero(-prio == v)
             ties = ties[np.lexsort((ties // k, c.ravel()[ties]))][: m - picked.sum()]
             picked[ties] = True
             taken = picked.reshape(experts, k).sum(axis=1)
-            if not ((taken == k) & (c[:, -1] + 1 < cap)).any():
+            if not ((taken == k) & (c[:, -1] + 1 < cap_l)).any():
                 break
             k *= 2  # an expert took all k: its next count might also belong
         counts[layer] += taken
@@ -257,31 +269,53 @@ def _greedy_counts(load, counts, num_slots, cap):
 
 
 def place(
-    load: np.ndarray, num_devices: int, slots_per_device: int, max_replicas: int
+    load: np.ndarray,
+    num_devices: int,
+    slots_per_device: int,
+    max_replicas: int,
+    *,
+    policy: str = "survive",
+    restore_budget: int = 2,
 ) -> Placement:
     """Fresh placement.
 
     load: [layers, num_experts] float, observed tokens per expert (uniform ones if unknown).
+    policy: "survive" (this module's failure-aware floor: every expert twice once R >= E),
+        "balance" (pure EPLB) or "auto" (balance first, with at most `restore_budget` experts
+        per layer to restore from the host after any single loss once R >= E); see
+        mesh/placement_policy.py.
     Returns a Placement with num_devices * slots_per_device slots per layer; raises
     PlacementError when the slots cannot hold the experts.
     """
     load = _check_load(load)
     num_devices, slots_per_device = _check_mesh(num_devices, slots_per_device)
     cap = min(num_devices, int(max_replicas))
+    if policy != "survive":
+        # placement_policy builds on this module's helpers, hence the late import.
+        from mesh.placement_policy import policy_counts
+
+        counts = policy_counts(load, num_devices, slots_per_device, cap, policy, restore_budget)
+        # Lone experts last only where they must be spread ("balance" keeps its bound).
+        lone_last = policy == "auto" and slots_per_device > restore_budget
+        phy2log = _pack(load / counts, counts, num_devices, slots_per_device, lone_last)
+        return _from_phy2log(phy2log, load.shape[1], slots_per_device, max_replicas)
     counts = replica_counts(load, num_devices * slots_per_device, cap)
     weight = load / counts
     phy2log = _pack(weight, counts, num_devices, slots_per_device)
     return _from_phy2log(phy2log, load.shape[1], slots_per_device, max_replicas)
 
 
-def _pack(weight, counts, num_devices, slots_per_device):
+def _pack(weight, counts, num_devices, slots_per_device, lone_last=False):
     """[layers, num_slots] phy2log dealing replicas in rounds (see the module docstring).
 
     weight: [layers, num_experts] load of one replica; counts: [layers, num_experts].
+    lone_last: deal the experts with one replica after all others (each in weight order), so
+    they fill the last rounds and no device gets more than ceil(lone / num_devices) of them.
     """
     layers, experts = weight.shape
     n = num_devices
-    items = _repeat_in_order(counts, -weight).reshape(layers, -1)  # [layers, num_slots]
+    keys = (-weight, counts == 1) if lone_last else (-weight,)
+    items = _repeat_in_order(counts, *keys).reshape(layers, -1)  # [layers, num_slots]
     item_w = np.take_along_axis(weight, items, axis=1)
     phy = np.empty((layers, n, slots_per_device), dtype=np.int64)
     device_load = np.zeros((layers, n))
@@ -309,7 +343,13 @@ def _pack(weight, counts, num_devices, slots_per_device):
 
 
 def repair(
-    old: Placement, keep: Sequence[int | None], load: np.ndarray, max_replicas: int
+    old: Placement,
+    keep: Sequence[int | None],
+    load: np.ndarray,
+    max_replicas: int,
+    *,
+    policy: str = "survive",
+    restore_budget: int = 2,
 ) -> Placement:
     """New placement on a new device list, moving as few slots as possible.
 
@@ -318,6 +358,8 @@ def repair(
     positions), rejoin (survivors + None entries) and rebalance (keep = identity, new load).
     load: [layers, num_experts] float. Slots already holding an expert that the new counts
     still want stay put; raises PlacementError when the new devices cannot serve every expert.
+    policy, restore_budget: as in `place`. Under "auto" the fewest-moves layout is followed by
+    swaps (two copies each) until no device holds more lone experts than the policy allows.
     """
     load = _check_load(load)
     if load.shape != (old.num_layers, old.num_experts):
@@ -327,11 +369,21 @@ def repair(
     n = len(old_dev)
     if n == 0:
         raise PlacementError("no devices left to hold the experts")
-    counts = replica_counts(load, n * s, min(n, int(max_replicas)))
+    cap = min(n, int(max_replicas))
+    if policy == "survive":
+        counts = replica_counts(load, n * s, cap)
+    else:
+        from mesh.placement_policy import policy_counts  # see place()
+
+        counts = policy_counts(load, n, s, cap, policy, restore_budget)
     weight = load / counts
     survivors = survivor_view(old.phy2log, old_dev, s)
     kept = _select_kept(survivors, counts, weight, n, s)
     phy = _fill(np.where(kept, survivors, -1), survivors, counts, weight, n, s)
+    if policy == "auto":
+        from mesh.placement_policy import lone_allowance, spread_lone
+
+        phy = spread_lone(phy, counts, weight, n, s, lone_allowance(counts, n))
     return _from_phy2log(phy, old.num_experts, s, max_replicas)
 
 
@@ -690,12 +742,17 @@ def primary_first(p: Placement, load: np.ndarray | None = None) -> np.ndarray:
     load = np.ones(p.replica_count.shape) if load is None else _check_load(load)
     log2phy = p.log2phy.copy()
     s = p.slots_per_device
-    for layer in range(p.num_layers):
-        device_load = np.zeros(p.num_devices)
-        for expert in np.argsort(-load[layer], kind="stable"):
-            count = p.replica_count[layer, expert]
-            slots = log2phy[layer, expert, :count]
-            best = int(np.argmin(device_load[slots // s]))
-            device_load[slots[best] // s] += load[layer, expert]
-            slots[[0, best]] = slots[[best, 0]]
+    layers = np.arange(p.num_layers)
+    valid = np.arange(p.max_replicas) < p.replica_count[..., None]
+    device_load = np.zeros((p.num_layers, p.num_devices))
+    # One expert rank at a time, every layer at once (the same greedy as one layer at a time).
+    for expert in np.argsort(-load, axis=1, kind="stable").T:
+        slots = log2phy[layers, expert]  # [layers, max_replicas]
+        dev = np.maximum(slots, 0) // s
+        on = np.where(valid[layers, expert], np.take_along_axis(device_load, dev, 1), np.inf)
+        best = np.argmin(on, axis=1)
+        device_load[layers, dev[layers, best]] += load[layers, expert]
+        first = slots[:, 0].copy()
+        log2phy[layers, expert, 0] = slots[layers, best]
+        log2phy[layers, expert, best] = first
     return log2phy
