@@ -5,6 +5,11 @@ The interface the frontend drives is small (in the spirit of JetStream's engine_
 decode step for every running one), read the `TokenEvent`s it returns, `abort` a request.
 Request slots are split evenly over the devices; a request's KV cache lives on its slot's device.
 The coordinator (elastic_moe.coordinator) swaps the mesh underneath between two steps.
+
+A step that raises midway keeps what it already recorded: those tokens are in the requests'
+journals, and `take_events()` hands their events out, so no stream misses a token. The step's
+device state is not trusted after that (`in_flight_untrusted`): `requeue_in_flight()` sends every
+running request back to be re-prefilled from its journal.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -113,6 +118,11 @@ class Engine:
         self.slot_owner: list[str | None] = [None] * self.mesh.geometry.num_request_slots
         self.expert_load = np.zeros((cfg.num_moe_layers, cfg.num_experts), np.int64)
         self.steps_run = 0
+        self._events: list[TokenEvent] = []  # recorded, not yet handed out
+        self.in_flight_untrusted = False  # a step failed after device work had started
+        # Called with a point's name ("prefill", "decode") right after that phase's program
+        # ran and before its output is read: where a device failure mid-step is injected.
+        self.fault_point: Callable[[str], None] | None = None
 
     # ---- the frontend's interface -------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -135,11 +145,55 @@ class Engine:
         return bool(self.waiting) or any(o is not None for o in self.slot_owner)
 
     def step(self) -> list[TokenEvent]:
-        """Admits waiting requests (prefill), then runs one decode step for all running ones."""
-        events = self._admit()
-        events += self._decode()
+        """Admits waiting requests (prefill), then runs one decode step for all running ones.
+
+        If it raises, the tokens recorded before the error stay pending: take_events()."""
+        self.in_flight_untrusted = True  # until the step's device work is done
+        self._admit()
+        self._decode()
+        self.in_flight_untrusted = False
         self.steps_run += 1
+        return self.take_events()
+
+    def take_events(self) -> list[TokenEvent]:
+        """The token events recorded since the last call (a failed step's included)."""
+        events, self._events = self._events, []
         return events
+
+    def requeue_in_flight(self) -> int:
+        """Every running request goes back to the front of the queue, to be re-prefilled
+        from its journal, and the KV cache is discarded: after a step failed midway its
+        buffers (donated to the failed program) cannot be trusted. Returns how many."""
+        running = [o for o in self.slot_owner if o is not None]
+        for request_id in reversed(running):
+            self.journal.get(request_id).reprefills += 1
+            self.waiting.appendleft(request_id)
+        self.slot_owner = [None] * len(self.slot_owner)
+        self.mesh.discard_cache()
+        self.in_flight_untrusted = False
+        return len(running)
+
+    def ensure_cache(self) -> None:
+        """A fresh KV cache when the last one was discarded and the mesh stayed the same."""
+        if self.mesh.cache is None:
+            self.mesh.reset_cache()
+
+    def finish_with_error(self, request_ids: Sequence[str], error: str) -> list[Request]:
+        """Ends requests that cannot be served (aborted, with `error` for their callers)."""
+        ended = []
+        for request_id in request_ids:
+            request = self.journal.get(request_id)
+            if request is None or request.done:
+                continue
+            request.finish_reason = FinishReason.ABORTED
+            request.error = error
+            self._release(request_id)
+            ended.append(request)
+        return ended
+
+    def _fault_point(self, name: str) -> None:
+        if self.fault_point is not None:
+            self.fault_point(name)
 
     def generate(
         self,
@@ -215,6 +269,7 @@ class Engine:
         )
         if request.done:
             self._release(request.request_id)
+        self._events.append(event)
         return event
 
     def _sampling(self, requests: list[Request | None]) -> Sampling:
@@ -251,6 +306,7 @@ class Engine:
             used[position] += 1
         if not rows:
             return []
+        self.ensure_cache()
         cfg = self.cfg
         longest = max(len(r.context) for _, _, r in rows)
         length = prefill_bucket(longest, self.options.min_prefill_bucket, cfg.max_seq_len)
@@ -276,6 +332,7 @@ class Engine:
                 self.slot_owner[self.slot_owner.index(request.request_id)] = None
                 self.waiting.appendleft(request.request_id)
             raise
+        self._fault_point("prefill")
         self.expert_load += np.asarray(out.expert_load)
         next_tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
         return [
@@ -306,6 +363,7 @@ class Engine:
                 tokens[s] = r.generated[-1]
                 positions[s] = len(r.context) - 1
         out = self.mesh.decode(tokens, positions, self._sampling(owners))
+        self._fault_point("decode")
         self.expert_load += np.asarray(out.expert_load)
         next_tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
         return [

@@ -60,6 +60,7 @@ class Request:
     epochs: list[int] = field(default_factory=list)  # mesh epoch that produced each token
     reprefills: int = 0
     finish_reason: FinishReason | None = None
+    error: str | None = None  # why the runtime ended it, when it could not serve it
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # first given a request slot (prefilled)
     first_token_at: float | None = None

@@ -4,11 +4,18 @@ Everything that touches the engine or the mesh runs on the loop thread at a step
 reconfiguration never races a step. Requests wait in a bounded admission queue; a listener per
 request receives its `TokenEvent`s and one `Finished`. This is what the gRPC server, the CLI and
 the notebooks drive.
+
+The loop survives what a step raises: a device failure becomes a reconfiguration, a step that
+fails with every device answering is retried and then ends its requests with the error. When it
+cannot go on (the survivors cannot hold every expert, or steps keep failing) it stops: every
+request ends with the reason, watchers see MeshState.STOPPED, and every later call fails at once
+with RuntimeStopped instead of waiting.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +25,12 @@ from typing import Any
 
 from elastic_moe.coordinator import Coordinator
 from elastic_moe.engine import Engine, TokenEvent
-from elastic_moe.faults import FaultInjector, GuardedStepper
-from elastic_moe.reconfiguration import MeshStatus
+from elastic_moe.faults import FaultInjector, GuardedStepper, StepFailed
+from elastic_moe.reconfiguration import MeshState, MeshStatus
 from elastic_moe.requests import FinishReason, Request, RequestError
+
+log = logging.getLogger("elastic_moe.runtime")
+FATAL_FAILED_STEPS = 4  # consecutive failed steps (no device to blame) that stop the runtime
 
 
 class QueueFull(RuntimeError):
@@ -29,6 +39,10 @@ class QueueFull(RuntimeError):
 
 class Draining(RuntimeError):
     """The runtime is draining or stopped and takes no new requests."""
+
+
+class RuntimeStopped(Draining):
+    """The runtime's loop stopped (a fault it could not recover from, or stop())."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,8 @@ class Runtime:
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._listeners: dict[str, Listener] = {}
         self._requests: dict[str, Request] = {}
+        self._queued_tokens: dict[str, int] = {}  # accepted, no token or Finished yet
+        self.failure: BaseException | None = None  # why the loop stopped, if it did
         self._watchers: list[Callable[[MeshStatus], None]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -102,20 +118,21 @@ class Runtime:
         cfg = self.engine.cfg
         request.validate(cfg.vocab_size, cfg.max_seq_len)
         with self._lock:
-            if self.draining or self._stopping:
+            self._raise_if_stopped()
+            if self.draining:
                 raise Draining("the server is draining and accepts no new requests")
             if request.request_id in self._listeners:
                 raise RequestError(f"request_id {request.request_id!r} is already running")
-            queued = list(self._inbox) + [
-                r for r in (self.engine.journal.get(i) for i in self.engine.waiting) if r
-            ]
-            if len(queued) >= self.max_queued_requests:
-                raise QueueFull(f"admission queue full ({len(queued)} requests waiting)")
-            tokens = sum(len(r.context) for r in queued)
+            # Counted here, not from the engine's queue: that belongs to the loop thread.
+            queued = len(self._queued_tokens)
+            if queued >= self.max_queued_requests:
+                raise QueueFull(f"admission queue full ({queued} requests waiting)")
+            tokens = sum(self._queued_tokens.values())
             if tokens + len(request.prompt) > self.max_queued_tokens:
                 raise QueueFull(f"admission queue full ({tokens} prompt tokens waiting)")
             self._listeners[request.request_id] = listener
             self._requests[request.request_id] = request
+            self._queued_tokens[request.request_id] = len(request.prompt)
             self._inbox.append(request)
             self._lock.notify_all()
         return request
@@ -142,12 +159,21 @@ class Runtime:
         """Runs fn() on the loop thread between two steps; its result comes in the future."""
         future: Future = Future()
         with self._lock:
-            if self._thread is None or self._stopping:
-                future.set_exception(Draining("the runtime is not running"))
+            try:
+                self._raise_if_stopped()
+            except RuntimeStopped as error:
+                future.set_exception(error)
                 return future
             self._commands.append((fn, future))
             self._lock.notify_all()
         return future
+
+    def _raise_if_stopped(self) -> None:
+        """Called under the lock."""
+        if self.failure is not None:
+            raise RuntimeStopped(f"the runtime stopped: {self.failure}")
+        if self._thread is None or self._stopping or not self._thread.is_alive():
+            raise RuntimeStopped("the runtime is not running")
 
     def status(self) -> MeshStatus:
         return self.call(self._status_now).result()
@@ -193,9 +219,13 @@ class Runtime:
         Returns (completed, aborted)."""
         with self._lock:
             self.draining = True
-            self.coordinator.draining = True
             live = set(self._listeners)
-        self._notify_watchers()
+
+        def mark_draining() -> None:
+            self.coordinator.draining = True
+            self._notify_watchers()
+
+        self.call(mark_draining)  # the coordinator belongs to the loop thread
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -213,13 +243,14 @@ class Runtime:
             self._notify_watchers()
         return result
 
-    def _notify_watchers(self) -> None:
+    def _notify_watchers(self, status: MeshStatus | None = None) -> None:
+        """On the loop thread: every watcher gets the current status (or `status`)."""
         if not self._watchers:
             return
-        status = self._status_now() if threading.current_thread() is self._thread else None
+        status = status or self._status_now()
         for watcher in list(self._watchers):
             try:
-                watcher(status if status is not None else self.coordinator.status())
+                watcher(status)
             except Exception:  # a broken watcher must not stop serving
                 self.unwatch(watcher)
 
@@ -229,6 +260,8 @@ class Runtime:
                 self._watchers.remove(watcher)
 
     def _emit(self, event: TokenEvent | Finished) -> None:
+        with self._lock:
+            self._queued_tokens.pop(event.request_id, None)  # it has left the queue
         listener = self._listeners.get(event.request_id)
         if listener is None:
             return
@@ -242,6 +275,38 @@ class Runtime:
             pass
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # nothing may end the loop silently
+            log.exception("the runtime loop stopped")
+            self._stop_with(error)
+        for _, future in self._commands:
+            future.set_exception(RuntimeStopped("the runtime stopped"))
+
+    def _stop_with(self, error: BaseException) -> None:
+        """The loop cannot go on: every request ends with the reason, watchers hear STOPPED,
+        later calls fail at once."""
+        reason = f"{type(error).__name__}: {error}"
+        with self._lock:
+            self.failure = error
+            inbox, self._inbox = list(self._inbox), collections.deque()
+            commands, self._commands = list(self._commands), collections.deque()
+        for _, future in commands:
+            future.set_exception(RuntimeStopped(f"the runtime stopped: {reason}"))
+        try:
+            status = self._status_now()
+            status.state = MeshState.STOPPED
+            self._notify_watchers(status)
+        except Exception:
+            log.exception("could not report the final mesh status")
+        live = [r for r in self.engine.journal if not r.done] + inbox
+        for request in live:
+            if not request.done:
+                request.finish_reason = FinishReason.ABORTED
+                request.error = f"the runtime stopped: {reason}"
+            self._emit(Finished(request))
+
+    def _serve(self) -> None:
         engine = self.engine
         while True:
             with self._lock:
@@ -266,13 +331,19 @@ class Runtime:
                     self._emit(Finished(request))
             if engine.has_work():
                 self._step()
-        for _, future in self._commands:
-            future.set_exception(Draining("the runtime stopped"))
 
     def _step(self) -> None:
         before = self.engine.mesh.epoch
         detections = len(self.stepper.detections)
-        events = self.stepper.step()
+        try:
+            events = self.stepper.step()
+        except StepFailed as failed:
+            log.error("%s; %d requests ended with the error", failed, len(failed.ended))
+            for request in failed.ended:
+                self._emit(Finished(request))
+            if self.stepper.failed_steps >= FATAL_FAILED_STEPS:
+                raise
+            return
         self.step_count += 1
         self.tokens_generated += len(events)
         for event in events:

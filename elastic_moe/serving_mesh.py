@@ -28,7 +28,6 @@ from mesh.placement import Placement, place, primary_first
 from mesh.reshard import poison, reassemble
 from mesh.transfer_plan import TransferPlan, schedule_rounds
 from models.config import ModelConfig
-from models.kv_cache import empty_cache
 from models.params import (
     EXPERT_WEIGHTS,
     Params,
@@ -95,16 +94,13 @@ class ServingMesh:
         )
         programs = entry.programs
         params = place_params(cfg, host_params, placement.phy2log, programs.param_shardings)
-        cache = jax.device_put(
-            empty_cache(cfg, geometry.num_request_slots), programs.cache_shardings
-        )
         return cls(
             cfg,
             devices,
             entry,
             geometry,
             params,
-            cache,
+            programs.empty_cache(),
             placement,
             replica_routing=options.replica_routing,
         )
@@ -143,6 +139,19 @@ class ServingMesh:
         return out
 
     # ---- failure handling ---------------------------------------------------------------
+    def discard_cache(self) -> None:
+        """Drops the KV cache (a step failed midway: its contents cannot be trusted). Every
+        request must be re-prefilled; the next epoch, or reset_cache(), builds a fresh one."""
+        for leaf in jax.tree.leaves(self.cache):
+            if not leaf.is_deleted():
+                leaf.delete()
+        self.cache = None
+
+    def reset_cache(self) -> None:
+        """A zeroed KV cache on this mesh (after discard_cache, when the mesh stays)."""
+        self.discard_cache()
+        self.cache = self.programs.empty_cache()
+
     def poison(self, lost_positions: Sequence[int]) -> None:
         """Overwrites everything the lost devices held with NaN and never reads it again."""
         self.params = jax.tree.map(lambda a: poison(a, lost_positions), self.params)
@@ -179,10 +188,13 @@ class ServingMesh:
             return reassemble(array, keep, sharding, fill=lambda _j: host)
 
         params = jax.tree_util.tree_map_with_path(move, self.params, programs.param_shardings)
-        cache = jax.tree.map(
-            lambda a, s: reassemble(a, keep, s), self.cache, programs.cache_shardings
-        )
         geometry = programs.geometry
+        if self.cache is None:  # discarded after a failed step: every request re-prefills
+            cache = programs.empty_cache()
+        else:
+            cache = jax.tree.map(
+                lambda a, s: reassemble(a, keep, s), self.cache, programs.cache_shardings
+            )
         stats.transfer_rounds = self._move_experts(
             params,
             plan,

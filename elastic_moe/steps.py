@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int, UInt32
 from mesh.device_mesh import EXPERT_AXIS
 from mesh.sharding import BATCH, REPLICATED, named, param_specs
 from models.config import ModelConfig
-from models.kv_cache import LayerCache, cache_shapes
+from models.kv_cache import LayerCache, cache_shapes, empty_cache
 from models.params import abstract_params, logical_axes, model_graph
 from models.sampling import sample
 
@@ -128,10 +128,19 @@ class MeshPrograms:
             )
 
         self.decode = jax.jit(decode, donate_argnums=(1,))
+        # Built on the devices, each holding only its shard: never the whole cache on one.
+        self._empty_cache = jax.jit(
+            lambda: empty_cache(cfg, geometry.num_request_slots),
+            out_shardings=self.cache_shardings,
+        )
         self.prefill = jax.jit(sharded(BATCH), donate_argnums=(1,))
         self._compiled: dict[Any, Any] = {}
         # Standby compiles run on a background thread; a foreground caller waits for them.
         self._compile_lock = threading.Lock()
+
+    def empty_cache(self) -> list[LayerCache]:
+        """A zeroed KV cache for this mesh's request slots."""
+        return self._empty_cache()
 
     # Abstract inputs, for ahead-of-time compilation.
     def _abstract_common(self) -> tuple:

@@ -114,9 +114,25 @@ class GenerationService(pb_grpc.GenerationServicer):
                 batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
+                failed = next(
+                    (e.request.error for e in batch if isinstance(e, Finished) and e.request.error),
+                    None,
+                )
                 for response in self._responses(request_id, batch, detokenizer):
                     finished = response.HasField("complete")
+                    if finished and failed:
+                        break  # the tokens before it were sent; the error replaces Complete
                     yield response
+                if failed:
+                    finished = True
+                    # UNAVAILABLE: the runtime stopped (retry elsewhere); INTERNAL: a step
+                    # failed on this server while the runtime went on.
+                    code = (
+                        grpc.StatusCode.UNAVAILABLE
+                        if runtime.failure is not None
+                        else grpc.StatusCode.INTERNAL
+                    )
+                    await context.abort(code, failed)
         finally:
             if not finished:  # cancelled, deadline passed, or the server is stopping
                 runtime.abort([request_id])

@@ -32,14 +32,6 @@ LATENCY_BUCKETS = (
 PAUSE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def cause_kind(cause: str) -> str:
-    """The kind of a reconfiguration's cause: fail, detected, rejoin, rebalance or other."""
-    if "detected" in cause:
-        return "detected"
-    word = cause.split(" ", 1)[0].rstrip(":")
-    return word if word in ("fail", "rejoin", "rebalance") else "other"
-
-
 class RequestClock:
     """Timestamps of one request, kept by its listener (only the loop thread touches it)."""
 
@@ -186,7 +178,7 @@ class ServerMetrics:
         if initial:
             return
         self.experts_verified(last.slots_verified, last.slots_repaired)
-        kind = cause_kind(last.cause)
+        kind = last.kind.value
         self.reconfigurations.labels(cause=kind).inc()
         self.reconfiguration_pause.labels(cause=kind).observe(last.pause_ms / 1000)
 

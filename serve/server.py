@@ -231,7 +231,7 @@ class ElasticServer:
     def _ready(self, status: MeshStatus) -> int:
         serving = (
             not self.draining
-            and status.state != MeshState.DRAINING
+            and status.state not in (MeshState.DRAINING, MeshState.STOPPED)
             and status.min_live_replicas >= 1
         )
         return SERVING if serving else NOT_SERVING
