@@ -20,15 +20,17 @@ from elastic_moe.engine import Engine
 from elastic_moe.reconfiguration import (
     DeviceState,
     DeviceStatus,
+    ExpertMove,
     IntegrityReport,
     MeshState,
     MeshStatus,
     Reconfiguration,
+    ReconfigurationKind,
     ReconfigurationRefused,
     UnknownDevice,
 )
 from mesh.placement import PlacementError, repair, survivors_only
-from mesh.transfer_plan import plan_transfers
+from mesh.transfer_plan import TransferPlan, plan_transfers
 
 
 class Coordinator:
@@ -84,28 +86,31 @@ class Coordinator:
         op_id: str = "",
         dry_run: bool = False,
         detect_ms: float = 0.0,
+        detected: bool = False,
     ) -> Reconfiguration:
-        """Declares devices failed and moves serving onto the survivors."""
-        if op_id and op_id in self._ops:
-            return self._ops[op_id]
+        """Declares devices failed and moves serving onto the survivors (detected: the
+        runtime found them dead, rather than an operator or a test declaring it)."""
         lost = self._known(device_ids)
+        if (repeat := self._repeat(op_id, "fail", lost)) is not None:
+            return repeat
         current = [d.id for d in self.engine.mesh.devices]
         not_serving = [i for i in lost if i not in current]
         if not_serving:
             raise ReconfigurationRefused(f"devices {not_serving} are not in the serving mesh")
         survivors = [i for i in current if i not in lost]
         cause = f"fail {sorted(lost)}" + (f": {reason}" if reason else "")
-        result = self._reconfigure(survivors, cause, dry_run, detect_ms, fast_path=True)
+        kind = ReconfigurationKind.DETECTED if detected else ReconfigurationKind.FAIL
+        result = self._reconfigure(survivors, kind, cause, dry_run, detect_ms, fast_path=True)
         if not dry_run:
             for i in lost:
                 self.states[i] = DeviceState.FAILED
-        return self._remember(op_id, result)
+        return self._remember(op_id, ("fail", lost), result)
 
     def rejoin(self, device_ids: Iterable[int], *, op_id: str = "") -> Reconfiguration:
         """Brings failed devices back: they get expert slots, experts and request capacity."""
-        if op_id and op_id in self._ops:
-            return self._ops[op_id]
         joining = self._known(device_ids)
+        if (repeat := self._repeat(op_id, "rejoin", joining)) is not None:
+            return repeat
         current = [d.id for d in self.engine.mesh.devices]
         already = [i for i in joining if i in current]
         if already:
@@ -113,28 +118,33 @@ class Coordinator:
         for i in joining:
             self.states[i] = DeviceState.REJOINING
         try:
-            result = self._reconfigure(sorted(current + joining), f"rejoin {sorted(joining)}")
+            result = self._reconfigure(
+                sorted(current + joining), ReconfigurationKind.REJOIN, f"rejoin {joining}"
+            )
         except Exception:
             for i in joining:
                 self.states[i] = DeviceState.FAILED
             raise
         for i in joining:
             self.states[i] = DeviceState.HEALTHY
-        return self._remember(op_id, result)
+        return self._remember(op_id, ("rejoin", joining), result)
 
     def rebalance(self, *, op_id: str = "") -> Reconfiguration:
         """A new placement from the expert load the router observed, moved online."""
-        if op_id and op_id in self._ops:
-            return self._ops[op_id]
+        if (repeat := self._repeat(op_id, "rebalance", [])) is not None:
+            return repeat
         current = [d.id for d in self.engine.mesh.devices]
-        result = self._reconfigure(current, "rebalance", load=self.observed_load())
+        result = self._reconfigure(
+            current, ReconfigurationKind.REBALANCE, "rebalance", load=self.observed_load()
+        )
         self.engine.expert_load[:] = 0
-        return self._remember(op_id, result)
+        return self._remember(op_id, ("rebalance", []), result)
 
     # ---- the transaction ----------------------------------------------------------------
     def _reconfigure(
         self,
         new_ids: Sequence[int],
+        kind: ReconfigurationKind,
         cause: str,
         dry_run: bool = False,
         detect_ms: float = 0.0,
@@ -169,17 +179,21 @@ class Coordinator:
             from_epoch=old.epoch,
             to_epoch=old.epoch + (0 if dry_run else 1),
             cause=cause,
+            kind=kind,
             detect_ms=detect_ms,
             plan_ms=plan_ms,
             experts_copied=plan.experts_copied,
             experts_restored_from_host=plan.experts_from_host,
             dry_run=dry_run,
         )
-        if dry_run:
-            result.requests_reprefilled = sum(engine.active_on_device(p) for p in lost_positions)
-            return result
         new_devices = [self.pool[i] for i in new_ids]
         result.standby_hit = engine.executables.is_warm(new_devices)
+        if dry_run:
+            result.requests_reprefilled = sum(engine.active_on_device(p) for p in lost_positions)
+            s = old.geometry.expert_slots_per_device
+            result.slots_lost = len(lost_positions) * s * placement.num_layers
+            result.moves = _moves(plan, placement.phy2log, new_ids, s)
+            return result
         if self.poison_lost and lost_positions:
             # Part of simulating the loss, not of recovering from it: kept out of the pause.
             poison_started = time.perf_counter()
@@ -205,7 +219,11 @@ class Coordinator:
         if self.standby:
             if self._standby_timer is not None:
                 self._standby_timer.cancel()
-            self._standby_timer = threading.Timer(self.standby_delay_s, self.warm_standby)
+            # What to compile is read now, on the caller's (the loop's) thread; the timer
+            # thread only queues the compiles.
+            self._standby_timer = threading.Timer(
+                self.standby_delay_s, self._queue_standby, args=self._standby_targets()
+            )
             self._standby_timer.daemon = True
             self._standby_timer.start()
         return result
@@ -221,21 +239,40 @@ class Coordinator:
             )
         return ids
 
-    def _remember(self, op_id: str, result: Reconfiguration) -> Reconfiguration:
+    def _repeat(self, op_id: str, action: str, ids: list[int]) -> Reconfiguration | None:
+        """The earlier result of a retried operation (same op id, action and devices); an op
+        id reused for another operation is refused (it would silently do nothing)."""
+        if not op_id or op_id not in self._ops:
+            return None
+        done, result = self._ops[op_id]
+        if done != (action, ids):
+            name = done[0] + (f" {done[1]}" if done[1] else "")
+            raise ValueError(f"op_id {op_id!r} was already used for {name}; use a new op id")
+        return result
+
+    def _remember(self, op_id: str, what: tuple, result: Reconfiguration) -> Reconfiguration:
         if op_id and not result.dry_run:
-            self._ops[op_id] = result
+            self._ops[op_id] = (what, result)
         return result
 
     def warm_standby(self) -> None:
         """Compiles, in the background, the programs for the current mesh (its transfer
         programs), for every mesh one more failure would leave, and for the mesh a rejoin of
         every failed device would bring back."""
+        self._queue_standby(*self._standby_targets())
+
+    def _standby_targets(self) -> tuple:
+        """(current devices, prefill lengths, extra meshes): read from the engine by its
+        owner's thread, so the standby timer never touches engine state."""
         engine = self.engine
         lengths = sorted(engine.prefill_lengths_seen) or [engine.options.min_prefill_bucket]
         current = list(engine.mesh.devices)
         full = [self.pool[i] for i in sorted(self.pool)]
         extra = [current] + ([full] if len(full) != len(current) else [])
-        engine.executables.warm_standby(current, lengths, engine.min_devices, also=extra)
+        return current, lengths, extra
+
+    def _queue_standby(self, current, lengths, extra) -> None:
+        self.engine.executables.warm_standby(current, lengths, self.engine.min_devices, also=extra)
 
     def verify(self, *, repair: bool = True) -> IntegrityReport:
         """Checks every expert slot of the serving mesh against its expert's checksum, on the
@@ -293,3 +330,23 @@ class Coordinator:
             queued_requests=len(engine.waiting),
             last=self.history[-1] if self.history else None,
         )
+
+
+def _moves(
+    plan: TransferPlan, phy2log: np.ndarray, new_ids: Sequence[int], slots_per_device: int
+) -> list[ExpertMove]:
+    """Every slot the plan writes, as (layer, expert, to device, from device or -1 = host).
+
+    phy2log: [layers, new_num_slots] the new placement; new_ids: device id of each position."""
+    moves = []
+    for layer, slot in zip(*np.nonzero(~plan.keep), strict=True):
+        source = int(plan.source_slot[layer, slot])
+        moves.append(
+            ExpertMove(
+                layer=int(layer),
+                expert=int(phy2log[layer, slot]),
+                to_device=int(new_ids[slot // slots_per_device]),
+                from_device=int(new_ids[source // slots_per_device]) if source >= 0 else -1,
+            )
+        )
+    return moves

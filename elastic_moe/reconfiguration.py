@@ -17,6 +17,7 @@ class MeshState(enum.Enum):
     RECONFIGURING = "reconfiguring"
     DEGRADED = "degraded"  # serving, but some expert has no spare replica left
     DRAINING = "draining"
+    STOPPED = "stopped"  # the runtime stopped: it cannot serve every expert, or its steps fail
 
 
 class ReconfigurationRefused(RuntimeError):
@@ -30,11 +31,29 @@ class UnknownDevice(KeyError):
         return str(self.args[0]) if self.args else "unknown device"
 
 
+class ReconfigurationKind(enum.Enum):
+    FAIL = "fail"  # devices declared failed (operator, API, test)
+    DETECTED = "detected"  # the runtime found devices dead
+    REJOIN = "rejoin"
+    REBALANCE = "rebalance"
+
+
+@dataclass(frozen=True)
+class ExpertMove:
+    """One expert written into a slot by a reconfiguration (reported by dry runs)."""
+
+    layer: int  # MoE layer index
+    expert: int
+    to_device: int
+    from_device: int  # device id it is copied from; -1: restored from the host copy
+
+
 @dataclass
 class Reconfiguration:
     from_epoch: int
     to_epoch: int
     cause: str
+    kind: ReconfigurationKind = ReconfigurationKind.FAIL
     pause_ms: float = 0.0
     detect_ms: float = 0.0
     plan_ms: float = 0.0
@@ -50,6 +69,9 @@ class Reconfiguration:
     slots_verified: int = 0
     slots_repaired: int = 0
     verify_ms: float = 0.0
+    # Dry runs only: the plan (slots the lost devices held, then every move it would make).
+    slots_lost: int = 0
+    moves: list[ExpertMove] = field(default_factory=list)
 
 
 class ExpertIntegrityError(RuntimeError):

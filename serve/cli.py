@@ -426,6 +426,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rebalance.add_argument("--op-id", default="", help="repeating an op id repeats nothing")
     _add_admin_options(rebalance)
+    verify = mesh_commands.add_parser(
+        "verify",
+        description=(
+            "Check every expert slot of the serving mesh against its expert's checksum, on the "
+            "devices, between two steps. A wrong slot is named (which expert it holds instead) "
+            "and rewritten from the host copy, unless --check-only. Every reconfiguration "
+            "already checks the slots it wrote; this checks them all. Exits 1 when a slot was "
+            "wrong."
+        ),
+        help="check every expert slot's weights on the devices",
+        epilog="example: elastic-moe mesh verify --json",
+        formatter_class=formatter,
+    )
+    verify.add_argument(
+        "--check-only", action="store_true", help="report wrong slots without rewriting them"
+    )
+    _add_admin_options(verify)
 
     # ---- demo ---------------------------------------------------------------------------
     demo = commands.add_parser(

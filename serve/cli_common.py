@@ -200,9 +200,21 @@ def reconfiguration_dict(summary: Any) -> dict[str, Any]:
         out["kind"] = summary.kind.value
         return out
     out = {name: getattr(summary, name) for name in RECONFIGURATION_FIELDS}
-    for extra in ("dry_run", "standby_hit", "slots_verified", "slots_repaired", "verify_ms"):
+    for extra in (
+        "dry_run",
+        "standby_hit",
+        "slots_verified",
+        "slots_repaired",
+        "verify_ms",
+        "slots_lost",
+    ):
         if hasattr(summary, extra):
             out[extra] = getattr(summary, extra)
+    if hasattr(summary, "moves"):
+        out["moves"] = [
+            {f: getattr(m, f) for f in ("layer", "expert", "to_device", "from_device")}
+            for m in summary.moves
+        ]
     if hasattr(summary, "kind"):  # the proto enum: KIND_FAIL -> "fail"
         name = summary.DESCRIPTOR.fields_by_name["kind"].enum_type.values_by_number
         out["kind"] = name[summary.kind].name.removeprefix("KIND_").lower()
@@ -229,6 +241,8 @@ def reconfiguration_table(summary: Any, title: str = "reconfiguration"):
     from rich.table import Table
 
     r = reconfiguration_dict(summary)
+    if r.get("dry_run"):
+        return plan_table(r, title)
     table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -246,6 +260,42 @@ def reconfiguration_table(summary: Any, title: str = "reconfiguration"):
         table.add_row("slots checked (checksum)", str(r["slots_verified"]))
         table.add_row("wrong slots rewritten", str(r["slots_repaired"]))
     return table
+
+
+MOVES_SHOWN = 24
+
+
+def plan_table(r: dict[str, Any], title: str):
+    """What a dry run would do: what is lost, what moves where, and whether the new mesh's
+    programs are already compiled (nothing is timed: nothing ran)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("epoch", f"{r['from_epoch']} (unchanged)")
+    table.add_row("cause", str(r["cause"]))
+    table.add_row("planned in", f"{r['plan_ms']:.1f} ms")
+    table.add_row("expert slots lost (all layers)", str(r.get("slots_lost", 0)))
+    table.add_row("experts to copy device to device", str(r["experts_copied"]))
+    table.add_row("experts to restore from host", str(r["experts_restored_from_host"]))
+    table.add_row("requests to re-prefill", str(r["requests_reprefilled"]))
+    if "standby_hit" in r:
+        ready = "yes" if r["standby_hit"] else "no (the move would compile them)"
+        table.add_row("standby programs ready", ready)
+    moves = r.get("moves") or []
+    if not moves:
+        table.add_row("moves", "none: the survivors' slots already hold every expert")
+        return table
+    listing = Table(title_justify="left", box=None, padding=(0, 2))
+    listing.title = f"moves ({min(len(moves), MOVES_SHOWN)} of {len(moves)} shown)"
+    for column in ("layer", "expert", "from", "to device"):
+        listing.add_column(column, justify="right")
+    for m in moves[:MOVES_SHOWN]:
+        source = "host" if m["from_device"] < 0 else f"device {m['from_device']}"
+        listing.add_row(str(m["layer"]), str(m["expert"]), source, str(m["to_device"]))
+    return Group(table, listing)
 
 
 def make_console(stderr: bool = False):

@@ -1,4 +1,5 @@
-"""`elastic-moe mesh status | watch | fail | rejoin | rebalance`: the Admin API from a shell.
+"""`elastic-moe mesh status | watch | fail | rejoin | rebalance | verify`: the Admin API from a
+shell.
 
 `status` draws the devices (state, expert slots, the experts each one holds, active requests),
 the mesh (epoch, state, minimum live replicas) and the last reconfiguration's breakdown.
@@ -48,6 +49,8 @@ def run_mesh(args: argparse.Namespace) -> int:
                 return _status(client, args)
             if action == "watch":
                 return _watch(client, args)
+            if action == "verify":
+                return _verify(client, args)
             if action == "fail":
                 result = client.fail(
                     list(args.device_ids),
@@ -210,6 +213,51 @@ def _watch(client: Any, args: argparse.Namespace) -> int:
             cancel()
         return 0
     raise CliError(f"{args.admin} closed the watch stream (server stopped?)")
+
+
+def verify_dict(result: Any) -> dict[str, Any]:
+    """A pb.VerifyExpertsResult as a plain dict."""
+    return {
+        "epoch": result.epoch,
+        "slots_checked": result.slots_checked,
+        "mismatches": [
+            {
+                "layer": m.layer,
+                "slot": m.slot,
+                "device_id": m.device_id,
+                "expected_expert": m.expected_expert,
+                "found_expert": m.found_expert,
+            }
+            for m in result.mismatches
+        ],
+        "slots_repaired": result.slots_repaired,
+        "verify_ms": result.verify_ms,
+    }
+
+
+def _verify(client: Any, args: argparse.Namespace) -> int:
+    report = verify_dict(client.verify_experts(check_only=args.check_only))
+    if args.json:
+        print_json(report)
+    else:
+        out = make_console()
+        wrong = report["mismatches"]
+        out.print(
+            f"epoch {report['epoch']}: {report['slots_checked']} expert slots checked in "
+            f"{report['verify_ms']:.1f} ms, {len(wrong)} wrong"
+            + (f", {report['slots_repaired']} rewritten from the host copy" if wrong else "")
+        )
+        for m in wrong:
+            held = (
+                f"expert {m['found_expert']}'s weights"
+                if m["found_expert"] >= 0
+                else "weights of no expert"
+            )
+            out.print(
+                f"  layer {m['layer']} slot {m['slot']} (device {m['device_id']}): holds "
+                f"{held}, should hold expert {m['expected_expert']}"
+            )
+    return 1 if report["mismatches"] else 0
 
 
 def _print_result(result: Any, args: argparse.Namespace) -> int:

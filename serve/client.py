@@ -310,6 +310,16 @@ class Client(_Base):
                 metadata=self._admin_metadata,
             )
 
+    def verify_experts(self, *, check_only: bool = False) -> pb.VerifyExpertsResult:
+        """Checks every expert slot against its expert's checksum on the devices; wrong slots
+        are rewritten from the host copy unless check_only."""
+        with self._reaching_admin():
+            return self._admin.VerifyExperts(
+                pb.VerifyExpertsRequest(check_only=check_only),
+                timeout=self.timeout,
+                metadata=self._admin_metadata,
+            )
+
     def drain(self, timeout_s: int = 30) -> pb.DrainResult:
         timeout = self.timeout if self.timeout is None else max(self.timeout, timeout_s + 30)
         with self._reaching_admin():
@@ -428,6 +438,14 @@ class AsyncClient(_Base):
         with self._reaching_admin():
             return await self._admin.Rebalance(
                 pb.RebalanceRequest(op_id=op_id),
+                timeout=self.timeout,
+                metadata=self._admin_metadata,
+            )
+
+    async def verify_experts(self, *, check_only: bool = False) -> pb.VerifyExpertsResult:
+        with self._reaching_admin():
+            return await self._admin.VerifyExperts(
+                pb.VerifyExpertsRequest(check_only=check_only),
                 timeout=self.timeout,
                 metadata=self._admin_metadata,
             )

@@ -42,6 +42,14 @@ def reconfiguration_to_proto(r: Reconfiguration) -> pb.Reconfiguration:
         slots_verified=r.slots_verified,
         slots_repaired=r.slots_repaired,
         verify_ms=r.verify_ms,
+        kind=pb.ReconfigurationKind.Value(f"KIND_{r.kind.name}"),
+        slots_lost=r.slots_lost,
+        moves=[
+            pb.ExpertMove(
+                layer=m.layer, expert=m.expert, to_device=m.to_device, from_device=m.from_device
+            )
+            for m in r.moves
+        ],
     )
 
 

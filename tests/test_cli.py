@@ -393,6 +393,14 @@ def test_mesh_fail_dry_run_then_fail(server):
     assert dry.returncode == 0, dry.stderr
     plan = json.loads(dry.stdout)
     assert plan["epoch"] == 0 and plan["summary"]["dry_run"] is True
+    summary = plan["summary"]
+    assert summary["slots_lost"] > 0  # device 3's slots, over every layer
+    moves = summary["moves"]
+    assert len(moves) == summary["experts_copied"] + summary["experts_restored_from_host"]
+    assert all(m["to_device"] != 3 and m["from_device"] != 3 for m in moves)
+    text = cli("mesh", "fail", "3", "--dry-run", "--admin", server.admin)
+    assert "dry run at epoch 0" in text.stdout and "->" not in text.stdout
+    assert "expert slots lost" in text.stdout and "standby programs ready" in text.stdout
     failed = cli("mesh", "fail", "3", "--reason", "ECC errors", "--admin", server.admin)
     assert failed.returncode == 0, failed.stderr
     for needle in ("epoch 1", "fail [3]: ECC errors", "pause", "transfer", "compile"):
@@ -434,7 +442,10 @@ def test_mesh_rejoin_and_rebalance(server):
     assert rejoined.returncode == 0, rejoined.stderr
     result = json.loads(rejoined.stdout)
     assert result["epoch"] == 2 and result["summary"]["cause"] == "rejoin [3]"
-    assert result["summary"]["experts_copied"] + result["summary"]["experts_restored_from_host"] > 0
+    moved = result["summary"]["experts_copied"] + result["summary"]["experts_restored_from_host"]
+    assert moved > 0 and result["summary"]["kind"] == "rejoin"
+    assert result["summary"]["slots_verified"] == moved  # every written slot was checked
+    assert result["summary"]["slots_repaired"] == 0
     again = json.loads(
         cli("mesh", "rejoin", "3", "--op-id", "rejoin-3", "--admin", server.admin, "--json").stdout
     )
@@ -444,6 +455,19 @@ def test_mesh_rejoin_and_rebalance(server):
     assert "epoch 3" in rebalanced.stdout and "rebalance" in rebalanced.stdout
     status = json.loads(cli("mesh", "status", "--admin", server.admin, "--json").stdout)
     assert status["epoch"] == 3 and all(d["state"] == "HEALTHY" for d in status["devices"])
+
+
+def test_mesh_verify_checks_every_slot(server):
+    status = json.loads(cli("mesh", "status", "--admin", server.admin, "--json").stdout)
+    checked = cli("mesh", "verify", "--check-only", "--admin", server.admin, "--json")
+    assert checked.returncode == 0, checked.stderr
+    report = json.loads(checked.stdout)
+    layers = len(status["devices"][0]["experts"])
+    assert report["slots_checked"] == layers * status["num_physical_slots"]
+    assert report["mismatches"] == [] and report["epoch"] == status["epoch"]
+    text = cli("mesh", "verify", "--admin", server.admin)
+    assert text.returncode == 0 and f"{report['slots_checked']} expert slots checked" in text.stdout
+    assert "0 wrong" in text.stdout
 
 
 def test_mesh_watch_follows_until_interrupted(server):

@@ -28,6 +28,15 @@ class MeshState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECONFIGURING: _ClassVar[MeshState]
     DEGRADED: _ClassVar[MeshState]
     DRAINING: _ClassVar[MeshState]
+    STOPPED: _ClassVar[MeshState]
+
+class ReconfigurationKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECONFIGURATION_KIND_UNSPECIFIED: _ClassVar[ReconfigurationKind]
+    KIND_FAIL: _ClassVar[ReconfigurationKind]
+    KIND_DETECTED: _ClassVar[ReconfigurationKind]
+    KIND_REJOIN: _ClassVar[ReconfigurationKind]
+    KIND_REBALANCE: _ClassVar[ReconfigurationKind]
 FINISH_REASON_UNSPECIFIED: FinishReason
 STOP: FinishReason
 LENGTH: FinishReason
@@ -41,6 +50,12 @@ SERVING: MeshState
 RECONFIGURING: MeshState
 DEGRADED: MeshState
 DRAINING: MeshState
+STOPPED: MeshState
+RECONFIGURATION_KIND_UNSPECIFIED: ReconfigurationKind
+KIND_FAIL: ReconfigurationKind
+KIND_DETECTED: ReconfigurationKind
+KIND_REJOIN: ReconfigurationKind
+KIND_REBALANCE: ReconfigurationKind
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -181,7 +196,7 @@ class ExpertIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Reconfiguration(_message.Message):
-    __slots__ = ("from_epoch", "to_epoch", "cause", "pause_ms", "detect_ms", "plan_ms", "transfer_ms", "compile_ms", "experts_copied", "experts_restored_from_host", "requests_reprefilled", "standby_hit", "dry_run", "slots_verified", "slots_repaired", "verify_ms")
+    __slots__ = ("from_epoch", "to_epoch", "cause", "pause_ms", "detect_ms", "plan_ms", "transfer_ms", "compile_ms", "experts_copied", "experts_restored_from_host", "requests_reprefilled", "standby_hit", "dry_run", "slots_verified", "slots_repaired", "verify_ms", "kind", "slots_lost", "moves")
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     TO_EPOCH_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +213,9 @@ class Reconfiguration(_message.Message):
     SLOTS_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     SLOTS_REPAIRED_FIELD_NUMBER: _ClassVar[int]
     VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_LOST_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
     from_epoch: int
     to_epoch: int
     cause: str
@@ -214,7 +232,22 @@ class Reconfiguration(_message.Message):
     slots_verified: int
     slots_repaired: int
     verify_ms: float
-    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., cause: _Optional[str] = ..., pause_ms: _Optional[float] = ..., detect_ms: _Optional[float] = ..., plan_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., compile_ms: _Optional[float] = ..., experts_copied: _Optional[int] = ..., experts_restored_from_host: _Optional[int] = ..., requests_reprefilled: _Optional[int] = ..., standby_hit: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., slots_verified: _Optional[int] = ..., slots_repaired: _Optional[int] = ..., verify_ms: _Optional[float] = ...) -> None: ...
+    kind: ReconfigurationKind
+    slots_lost: int
+    moves: _containers.RepeatedCompositeFieldContainer[ExpertMove]
+    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., cause: _Optional[str] = ..., pause_ms: _Optional[float] = ..., detect_ms: _Optional[float] = ..., plan_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., compile_ms: _Optional[float] = ..., experts_copied: _Optional[int] = ..., experts_restored_from_host: _Optional[int] = ..., requests_reprefilled: _Optional[int] = ..., standby_hit: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., slots_verified: _Optional[int] = ..., slots_repaired: _Optional[int] = ..., verify_ms: _Optional[float] = ..., kind: _Optional[_Union[ReconfigurationKind, str]] = ..., slots_lost: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[ExpertMove, _Mapping]]] = ...) -> None: ...
+
+class ExpertMove(_message.Message):
+    __slots__ = ("layer", "expert", "to_device", "from_device")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    TO_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FROM_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    to_device: int
+    from_device: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., to_device: _Optional[int] = ..., from_device: _Optional[int] = ...) -> None: ...
 
 class MeshStatus(_message.Message):
     __slots__ = ("epoch", "state", "devices", "num_logical_experts", "num_physical_slots", "min_live_replicas", "active_requests", "queued_requests", "last")
