@@ -1,0 +1,139 @@
+"""A repair spread over time (mesh/move_budget.py): every step valid, within budget, to the end."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh.move_budget import copies_per_step, repair_in_steps, restore_orphans
+from mesh.placement import (
+    PlacementError,
+    orphaned_after,
+    place,
+    repair,
+    survivor_view,
+    survivors_only,
+)
+from mesh.placement_policy import placement_figures
+from mesh.transfer_plan import plan_transfers
+from tests.test_placement import LOAD_KINDS, layouts, make_load
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def losses(draw):
+    """((load, n, s, max_replicas, policy), keep): a layout and the survivors of a loss, who
+    can still hold every expert."""
+    n = draw(st.integers(2, 8))
+    s = draw(st.integers(1, 5))
+    lost = draw(st.permutations(list(range(n))))[: draw(st.integers(1, n - 1))]
+    keep = [d for d in range(n) if d not in lost]
+    experts = draw(st.integers(s, len(keep) * s))
+    max_replicas = draw(st.integers(-(-n * s // experts), n + 2))
+    kind = draw(st.sampled_from(LOAD_KINDS))
+    load = make_load(kind, draw(st.integers(1, 3)), experts, draw(st.integers(0, 2**16)))
+    policy = draw(st.sampled_from(("auto", "balance", "survive")))
+    return (load, n, s, max_replicas, policy), keep
+
+
+def before_loss(case):
+    """(old, keep, load, max_replicas, policy); placed here, not in the strategy, because
+    the runtime type checks sample list items with the `random` module."""
+    (load, n, s, max_replicas, policy), keep = case
+    return place(load, n, s, max_replicas, policy=policy), keep, load, max_replicas, policy
+
+
+@SETTINGS
+@given(losses())
+def test_restore_orphans_moves_only_the_orphans(case):
+    old, keep, load, max_replicas, _ = before_loss(case)
+    new = restore_orphans(old, keep, load, max_replicas)
+    new.validate()
+    lost = [d for d in range(old.num_devices) if d not in keep]
+    orphans = orphaned_after(old, lost).sum(axis=1)  # [layers]
+    before = survivor_view(old.phy2log, np.array(keep), old.slots_per_device)
+    assert ((new.phy2log != before).sum(axis=1) == orphans).all()
+    plan = plan_transfers(old, new, keep)
+    assert plan.experts_from_host == orphans.sum() and plan.experts_copied == 0
+    fast = survivors_only(old, keep, max_replicas)
+    if fast is not None:
+        assert np.array_equal(fast.phy2log, new.phy2log)
+
+
+@SETTINGS
+@given(losses(), st.integers(1, 6), st.sampled_from(LOAD_KINDS), st.integers(0, 99))
+def test_budgeted_repair_steps_are_valid_within_budget_and_end_at_the_target(
+    case, budget, kind, seed
+):
+    old, keep, load, max_replicas, policy = before_loss(case)
+    current = restore_orphans(old, keep, load, max_replicas)
+    new_load = make_load(kind, *load.shape, seed)  # the load moved on as well
+    identity = list(range(len(keep)))
+    target = repair(current, identity, new_load, max_replicas, policy=policy)
+    steps = repair_in_steps(current, target, new_load, budget)
+    differ = int((current.phy2log != target.phy2log).sum())
+    assert len(steps) >= -(-differ // budget)
+    prev, total = current, 0
+    for step in steps:
+        step.validate()  # every expert served, distinct devices, counts within max_replicas
+        moved = step.phy2log != prev.phy2log
+        assert 1 <= moved.sum() <= budget
+        assert (step.phy2log[moved] == target.phy2log[moved]).all()  # no detours
+        plan = plan_transfers(prev, step, identity)
+        assert plan.experts_from_host == 0  # a live replica to copy from, always
+        total += int(moved.sum())
+        prev = step
+    assert total == differ
+    assert np.array_equal(prev.phy2log, target.phy2log) if steps else differ == 0
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from(LOAD_KINDS), st.integers(0, 99), st.integers(1, 4))
+def test_any_target_is_reached_through_valid_steps(layout, kind, seed, budget):
+    """Fresh placements of another load: lone experts may trade places (a cycle of moves that
+    need each other); a step exceeds the budget only for such a cycle."""
+    load, n, s, max_replicas = layout
+    current = place(load, n, s, max_replicas, policy="balance")
+    target = place(make_load(kind, *load.shape, seed), n, s, max_replicas, policy="auto")
+    steps = repair_in_steps(current, target, load, budget)
+    prev = current
+    for step in steps:
+        step.validate()
+        moved = step.phy2log != prev.phy2log
+        assert (step.phy2log[moved] == target.phy2log[moved]).all()
+        prev = step
+    assert np.array_equal(prev.phy2log, target.phy2log)
+
+
+def test_lone_experts_get_their_second_replica_first():
+    """R = E, every expert twice, one device lost: its 8 experts are lone on the survivors.
+    With a budget of 4 copies the first steps give those experts their second replica."""
+    load = make_load("zipf", 1, 32, seed=2)
+    old = place(load, 8, 8, 8)  # 64 slots for 32 experts: all twice
+    keep = list(range(1, 8))
+    current = survivors_only(old, keep, 8)
+    assert current is not None
+    target = repair(current, list(range(7)), load, 8)
+    steps = repair_in_steps(current, target, load, 4)
+    lone = np.flatnonzero(current.replica_count[0] == 1)
+    wanted = lone[target.replica_count[0, lone] >= 2]
+    first = steps[0].phy2log[current.phy2log != steps[0].phy2log]
+    assert len(first) == min(4, len(wanted)) and set(first.tolist()) <= set(wanted.tolist())
+    restores = [placement_figures(p, load).worst_restore_total for p in [current, *steps]]
+    assert restores[0] == 8 and restores[1] < 8
+    assert restores[-1] == placement_figures(target, load).worst_restore_total
+
+
+def test_restore_orphans_refuses_too_few_slots():
+    old = place(np.ones((1, 6)), 3, 2, 3)
+    with pytest.raises(PlacementError, match="4 slots cannot hold 6 experts"):
+        restore_orphans(old, [0, 2], np.ones((1, 6)), 3)
+
+
+def test_copies_per_step_from_a_byte_budget():
+    assert copies_per_step(5e9, 44_040_192) == 113
+    assert copies_per_step(1, 44_040_192) == 1
+    with pytest.raises(ValueError, match="max_copies"):
+        p = place(np.ones((1, 4)), 2, 2, 2)
+        repair_in_steps(p, p, np.ones((1, 4)), 0)
