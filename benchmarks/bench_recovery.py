@@ -4,8 +4,11 @@ executables, and the same recovery as a ratio to a full restart measured in the 
   python benchmarks/bench_recovery.py --preset tiny-mixtral --devices 8                  # CPU
   python benchmarks/bench_recovery.py --preset qwen3-30b-a3b --devices 4 --layers 12     # GPU
 
-pause_ms is the coordinator's (plan + move + switch); first_step_ms adds the first decode step
-on the new mesh (which re-prefills the lost device's requests). The full restart is a new
+pause_ms is the coordinator's (plan + move + verify + switch); first_step_ms adds the first
+decode step on the new mesh (which re-prefills the lost device's requests). After the standby
+recovery the lost device rejoins (experts copied back onto it, every written slot checked
+against its expert's checksum on the device: verify_ms), then every slot is checked once
+(`mesh verify`). The full restart is a new
 process that makes the weights (tiled random, in host memory: no disk read, so the restart
 figure is a lower bound), deploys them, compiles and serves a first step.
 """
@@ -98,8 +101,20 @@ def recover(args, standby: bool) -> dict:
     engine.step()
     jax.block_until_ready(engine.mesh.cache)
     first_step_ms = 1000 * (time.perf_counter() - start)
+    extra = {}
+    if standby:
+        rejoined = coordinator.rejoin([lost])
+        engine.step()
+        verified = coordinator.verify(repair=False)  # compiled by the rejoin: timed warm
+        verified = coordinator.verify(repair=False)
+        extra = {
+            "rejoin": rejoined,
+            "all_slots": verified.slots_checked,
+            "all_verify_ms": verified.verify_ms,
+            "wrong": len(verified.mismatches),
+        }
     engine.executables.shutdown()
-    return dict(result.__dict__, first_step_ms=first_step_ms)
+    return dict(result.__dict__, first_step_ms=first_step_ms, **extra)
 
 
 CONTEXT = None
@@ -122,6 +137,20 @@ def main() -> int:
         row = recover(args, standby)
         rows.append((name, row))
         print(f"{name:20s} " + " ".join(f"{row[k]:20.1f}" for k in keys), flush=True)
+        if "rejoin" in row:
+            r = row["rejoin"]
+            print(
+                f"{'  then rejoin':20s} pause {r.pause_ms:.1f} ms, transfer {r.transfer_ms:.1f}"
+                f" ms, compile {r.compile_ms:.1f} ms, {r.experts_copied} copied + "
+                f"{r.experts_restored_from_host} from host, {r.slots_verified} slots checked in "
+                f"{r.verify_ms:.1f} ms, {r.slots_repaired} rewritten",
+                flush=True,
+            )
+            print(
+                f"{'  mesh verify':20s} all {row['all_slots']} slots checked in "
+                f"{row['all_verify_ms']:.1f} ms, {row['wrong']} wrong",
+                flush=True,
+            )
     command = [sys.executable, os.path.abspath(__file__), "--restart-only"] + sys.argv[1:]
     started = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ)

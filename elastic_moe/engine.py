@@ -107,8 +107,10 @@ class Engine:
 
         self.executables = ExecutableCache(cfg, geometry_for)
         self.mesh = ServingMesh.create(cfg, host_params, devices, options, self.executables)
-        # Taken before the host experts may be dropped: what every moved slot must match.
-        self.expert_checksums = ExpertChecksums(cfg, host_params)
+        # What every slot a reconfiguration writes must match, taken on the devices now.
+        self.expert_checksums = ExpertChecksums.from_deployment(
+            self.mesh.placement, self.mesh.slot_checksums()
+        )
         if not options.host_expert_copy:
             self.host_params = without_host_experts(cfg, host_params)
         self.expert_source = ExpertSource(cfg, self.host_params, options.expert_checkpoint)

@@ -283,6 +283,18 @@ class ServingMesh:
         report.verify_ms = 1000 * (time.perf_counter() - started)
         return report
 
+    def slot_checksums(self) -> np.ndarray:
+        """[moe_layers, num_slots, weights] the on-device checksum of every expert slot."""
+        every = np.ones(self.placement.num_slots, bool)
+        return np.stack(
+            [
+                self._slot_checksums(
+                    tuple(expert_weights(self.params, i)[n] for n in EXPERT_WEIGHTS), every
+                )
+                for i in moe_layer_indices(self.cfg)
+            ]
+        )
+
     def _slot_checksums(self, arrays: tuple[jax.Array, ...], mask: np.ndarray) -> np.ndarray:
         """[num_slots, weights] on-device checksums of the slots in `mask` (0 elsewhere)."""
         n, s = len(self.devices), self.geometry.expert_slots_per_device
