@@ -292,12 +292,13 @@ def place(
     cap = min(num_devices, int(max_replicas))
     if policy != "survive":
         # placement_policy builds on this module's helpers, hence the late import.
-        from mesh.placement_policy import policy_counts
+        from mesh.placement_policy import pack_auto, policy_counts
 
         counts = policy_counts(load, num_devices, slots_per_device, cap, policy, restore_budget)
-        # Lone experts last only where they must be spread ("balance" keeps its bound).
-        lone_last = policy == "auto" and slots_per_device > restore_budget
-        phy2log = _pack(load / counts, counts, num_devices, slots_per_device, lone_last)
+        if policy == "auto":
+            phy2log = pack_auto(load, counts, num_devices, slots_per_device, restore_budget)
+        else:
+            phy2log = _pack(load / counts, counts, num_devices, slots_per_device)
         return _from_phy2log(phy2log, load.shape[1], slots_per_device, max_replicas)
     counts = replica_counts(load, num_devices * slots_per_device, cap)
     weight = load / counts
@@ -380,10 +381,11 @@ def repair(
     survivors = survivor_view(old.phy2log, old_dev, s)
     kept = _select_kept(survivors, counts, weight, n, s)
     phy = _fill(np.where(kept, survivors, -1), survivors, counts, weight, n, s)
-    if policy == "auto":
+    if policy == "auto" and s > restore_budget:
         from mesh.placement_policy import lone_allowance, spread_lone
 
-        phy = spread_lone(phy, counts, weight, n, s, lone_allowance(counts, n))
+        allowance = lone_allowance(counts, n, restore_budget)
+        phy = spread_lone(phy, counts, weight, n, s, allowance)
     return _from_phy2log(phy, old.num_experts, s, max_replicas)
 
 

@@ -14,32 +14,34 @@ Policies (`policy_counts`; `mesh.placement.place` / `repair` take `policy=`):
     highest load / replicas. Lowest max load per replica; lone experts land anywhere.
   * "auto" (restore budget B, default 2 experts per layer): exactly u experts are lone (the u
     coldest, capped at one replica), the others get at least two, EPLB hands out the rest.
-    u is taken from the candidates below, per layer the one with the lowest max load per
-    replica (ties: fewer lone experts):
+    Per layer u is the number in [lo, hi] with the lowest max load per replica (`best_lone`;
+    ties: fewer lone experts):
         lo = max(0, E - R)                    (two replicas for E - u experts must fit)
         hi = min(E, (E*cap - N*S) / (cap-1),   (the caps must fill every slot)
                  B*N + max(0, E - R))          (the allowance, see below)
-        multiples of N in [lo, hi]; {lo, hi} if there is none.
     The allowance is a ramp: the first B*N redundant slots follow load; the next E - B*N go
-    to second replicas until R = E; beyond, every slot follows load. `place` deals the lone
-    experts after all others, so they fill whole rounds (one item per device per round).
+    to second replicas until R = E; beyond, every slot follows load. `pack_auto` deals the
+    replicas twice, per layer keeping the layout with the lower max device load: lone experts
+    after all others (they fill the last rounds, one item per device per round: no device
+    gets more than ceil(u / N)), and the plain order of mesh/placement.py followed by
+    `spread_lone` swaps down to max(B, ceil(u / N)) lone experts per device.
     If S <= B a device cannot hold more than B experts: "auto" is "balance".
 
 What "auto" promises (checked by tests/test_placement_policy.py):
-  1. Restore: no device holds more than ceil(u / N) lone experts, so the worst single-loss
-     restore is at most B + ceil(max(0, E - R) / N), i.e. at most B once R >= E (or S if
-     that is smaller). `repair(policy="auto")` keeps the same allowance by swapping a lone
-     expert with a replica of a shared one (two more copies per swap).
-  2. Balance: max w = max load / replicas is the lowest any layout with u lone experts can
-     have (EPLB's greedy is optimal for min max w under per-expert floors and caps; the u
-     coldest are the best lone set). With u a multiple of N the lone experts fill whole
-     rounds, each round is still dealt heaviest item to lightest device, and the bound of
-     mesh/placement.py holds: max device load <= mean + max w. With the {lo, hi} fallback one
-     round mixes both kinds: max device load - min device load <= 2 max w.
+  1. Restore: no device holds more than max(B, ceil(u / N)) lone experts (u <= hi), so the
+     worst single-loss restore is at most B + ceil(max(0, E - R) / N), i.e. at most B once
+     R >= E (or S if that is smaller). `repair(policy="auto")` keeps the same allowance by
+     swapping a lone expert with a replica of a shared one (two more copies per swap).
+  2. Balance: max w = max load / replicas is the lowest of any layout with at most hi lone
+     experts (EPLB's greedy is optimal for min max w under per-expert floors and caps, the
+     u coldest are the best lone set, and `best_lone` finds the best u). Dealt lone-last
+     with u a multiple of N, the lone experts fill whole rounds, each round is still dealt
+     heaviest item to lightest device, and the bound of mesh/placement.py holds: max device
+     load <= mean + max w. Otherwise one round mixes both kinds: max - min <= 2 max w.
+     `pack_auto` keeps the lone-last layout unless the other one is better, so both hold.
   3. No cliff: for fixed N, load and B, max w never grows with S. Going from S to S + 1
-     (R + N), the best u at S is still allowed (u <= hi - N) and N more slots can only lower
-     max w; otherwise u - N is allowed and the N slots give its N heaviest lone experts a
-     second replica, which cannot raise max w either.
+     (R + N), hi and lo fall by at most N, so u - N is allowed for the best u at S, and the N
+     more slots can give its N heaviest lone experts a second replica: max w cannot rise.
 
 Primary routing (`mesh.placement.primary_first`): at decode the engine sends all of an
 expert's tokens to its column-0 replica, so extra replicas of a hot expert only give the
@@ -58,6 +60,7 @@ from mesh.placement import (
     Placement,
     _counts_above_threshold,
     _greedy_counts,
+    _pack,
     check_slots,
     device_load,
     orphaned_by_loss,
@@ -92,29 +95,60 @@ def policy_counts(
     check_slots(n * s, experts, cap)
     if policy == "balance" or s <= restore_budget:
         return _eplb(load, n * s, np.ones(load.shape, dtype=np.int64), cap)
-    best, best_w = None, None
-    for lone in lone_choices(experts, n, s, cap, restore_budget):
-        counts = counts_with_lone(load, n * s, cap, lone)
-        w = (load / counts).max(axis=1)  # [layers] max load per replica
-        if best is None:
-            best, best_w = counts, w
-            continue
-        better = w < best_w * (1 - 1e-12)  # ties keep the fewer lone experts
-        best[better], best_w[better] = counts[better], w[better]
-    return best
+    lo, hi = lone_range(experts, n, s, cap, restore_budget)
+    return best_lone(load, n * s, cap, lo, hi)[1]
 
 
-def lone_choices(
+def lone_range(
     num_experts: int, num_devices: int, slots_per_device: int, cap: int, restore_budget: int
-) -> list[int]:
-    """Candidate numbers u of lone experts for "auto", smallest first (module docstring)."""
+) -> tuple[int, int]:
+    """(lo, hi): the numbers of lone experts "auto" may choose from (module docstring)."""
     e, n, s = int(num_experts), int(num_devices), int(slots_per_device)
     r = n * s - e
     lo = max(0, e - r)
     hi = e if cap < 2 else min(e, (e * cap - n * s) // (cap - 1))
-    hi = min(hi, int(restore_budget) * n + max(0, e - r))
-    aligned = list(range(-(-lo // n) * n, hi + 1, n))
-    return aligned or sorted({lo, hi})
+    return lo, max(lo, min(hi, int(restore_budget) * n + max(0, e - r)))
+
+
+def best_lone(
+    load: np.ndarray, num_slots: int, cap: int, lo: int, hi: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer the number u in [lo, hi] of lone experts with the lowest max w, and its counts.
+
+    max w(u) = max(A(u), B(u)): A, the heaviest lone expert's load, never falls as u grows;
+    B, the max load per replica of the others, never rises (one more lone expert frees at
+    least one slot for fewer experts). So A - B only grows: bisect the first u with
+    A(u) >= B(u), i.e. with v = A(u) feasible for the others (each needs max(2, ceil(L / v))
+    replicas, at most cap, and they must fit in num_slots - u); the best is u or u - 1
+    (ties: fewer lone experts).
+    load: [layers, num_experts]. Returns ([layers] int, [layers, num_experts] int64 counts).
+    """
+    layers, experts = load.shape
+    rows = np.arange(layers)
+    heaviest_first = -np.sort(-load, axis=1)  # [layers, experts]
+    rank = np.arange(experts)
+
+    def crossed(u):  # [layers] bool: A(u) >= B(u)
+        v = np.where(u > 0, heaviest_first[rows, np.clip(experts - u, 0, experts - 1)], 0.0)
+        others = rank < (experts - u)[:, None]
+        ratio = heaviest_first / np.where(v > 0, v, 1.0)[:, None]
+        ratio = np.where(heaviest_first > 0, np.where(v[:, None] > 0, ratio, np.inf), 0.0)
+        need = np.maximum(2, np.ceil(ratio * (1 - 1e-9)))  # 1e-9: float rounding of L / v
+        fits = ((need <= cap) | ~others).all(axis=1)
+        return fits & (np.where(others, need, 0).sum(axis=1) + u <= num_slots)
+
+    left, right = np.full(layers, lo), np.full(layers, hi + 1)  # hi + 1: never crosses
+    while (left < right).any():
+        mid = np.minimum((left + right) // 2, hi)
+        done = crossed(mid) & (left < right)
+        right = np.where(done, mid, right)
+        left = np.where(~done & (left < right), mid + 1, left)
+    upper = np.minimum(left, hi)
+    lower = np.maximum(upper - 1, lo)
+    c_up, c_low = (counts_with_lone(load, num_slots, cap, u) for u in (upper, lower))
+    w_up, w_low = (load / c_up).max(axis=1), (load / c_low).max(axis=1)
+    take_low = w_low <= w_up * (1 + 1e-12)
+    return np.where(take_low, lower, upper), np.where(take_low[:, None], c_low, c_up)
 
 
 def counts_with_lone(load: np.ndarray, num_slots: int, cap: int, lone) -> np.ndarray:
@@ -145,12 +179,46 @@ def _eplb(load, num_slots, floor, cap):
     return counts
 
 
-def lone_allowance(counts: np.ndarray, num_devices: int) -> np.ndarray:
-    """[layers] int: ceil(lone experts / num_devices), the most any device should hold.
+def pack_auto(
+    load: np.ndarray,
+    counts: np.ndarray,
+    num_devices: int,
+    slots_per_device: int,
+    restore_budget: int,
+) -> np.ndarray:
+    """[layers, num_slots] phy2log for "auto" counts (module docstring).
+
+    load, counts: [layers, num_experts].
+    """
+    n, s = int(num_devices), int(slots_per_device)
+    weight = load / counts
+    if s <= restore_budget:  # no device can hold more than the budget: plain EPLB packing
+        return _pack(weight, counts, n, s)
+    lone_last = _pack(weight, counts, n, s, lone_last=True)
+    plain = _pack(weight, counts, n, s)
+
+    def peak(phy, w):  # [rows] max device load
+        return np.take_along_axis(w, phy, axis=1).reshape(len(phy), n, s).sum(axis=2).max(axis=1)
+
+    best = peak(lone_last, weight)
+    # Swaps only where the plain order starts ahead (they can only lose some of that lead).
+    rows = np.flatnonzero(peak(plain, weight) < best)
+    if rows.size:
+        allowance = lone_allowance(counts[rows], n, restore_budget)
+        swapped = spread_lone(plain[rows], counts[rows], weight[rows], n, s, allowance)
+        better = peak(swapped, weight[rows]) < best[rows]
+        lone_last[rows[better]] = swapped[better]
+    return lone_last
+
+
+def lone_allowance(counts: np.ndarray, num_devices: int, restore_budget: int) -> np.ndarray:
+    """[layers] int: max(B, ceil(lone experts / N)), the most lone experts a device may hold
+    under "auto" (promise 1 of the module docstring).
 
     counts: [layers, num_experts] replica counts.
     """
-    return -(-(counts == 1).sum(axis=1) // int(num_devices))
+    lone = (counts == 1).sum(axis=1)
+    return np.maximum(int(restore_budget), -(-lone // int(num_devices)))
 
 
 def spread_lone(
@@ -165,41 +233,53 @@ def spread_lone(
 
     A device over its allowance swaps a lone expert with a shared expert's replica on a device
     under it (one always exists: the over device has fewer shared experts than the under one,
-    so some shared expert of the under device is not on the over device); of all such pairs
-    the swap that leaves the two devices' larger load smallest. Counts are unchanged.
+    so some shared expert of the under device is not on the over device); of the pairs on
+    the 8 lightest such devices, the swap that leaves the two devices' larger load smallest.
+    Counts are unchanged.
     phy: [layers, num_slots]; counts, weight: [layers, num_experts] (weight = load / counts);
     allowance: [layers] int, with sum of lone experts <= num_devices * allowance.
     Returns a new [layers, num_slots] array.
     """
     n, s = int(num_devices), int(slots_per_device)
-    phy = np.array(phy, dtype=np.int64).reshape(phy.shape[0], n, s)
-    lone = counts == 1
-    for layer in range(phy.shape[0]):
-        on = phy[layer]  # [n, s] view, edited in place
-        is_lone = lone[layer][on]
-        held = is_lone.sum(axis=1)
-        limit = int(allowance[layer])
-        if (held <= limit).all():
-            continue
-        dev_load = weight[layer][on].sum(axis=1)
-        while (held > limit).any():
-            over = int(np.argmax(held))
-            under = np.flatnonzero(held < limit)  # [u]
-            w1 = np.where(is_lone[over], weight[layer][on[over]], np.nan)  # [s]
-            w2 = weight[layer][on[under]]  # [u, s]
-            ok2 = ~is_lone[under] & ~np.isin(on[under], on[over])
-            new_over = dev_load[over] - w1[None, :, None] + w2[:, None, :]  # [u, s, s]
-            new_under = dev_load[under][:, None, None] + w1[None, :, None] - w2[:, None, :]
-            score = np.where(ok2[:, None, :], np.maximum(new_over, new_under), np.inf)
-            score = np.where(np.isnan(score), np.inf, score)
-            k, q1, q2 = np.unravel_index(np.argmin(score), score.shape)
-            d2 = int(under[k])
-            dev_load[over], dev_load[d2] = new_over[k, q1, q2], new_under[k, q1, q2]
-            on[over, q1], on[d2, q2] = on[d2, q2], on[over, q1]
-            is_lone[over, q1], is_lone[d2, q2] = False, True
-            held[over] -= 1
-            held[d2] += 1
-    return phy.reshape(phy.shape[0], n * s)
+    layers = phy.shape[0]
+    phy = np.array(phy, dtype=np.int64).reshape(layers, n, s)
+    is_lone = np.take_along_axis(counts == 1, phy.reshape(layers, -1), 1).reshape(layers, n, s)
+    w_slot = np.take_along_axis(weight, phy.reshape(layers, -1), 1).reshape(layers, n, s)
+    held = is_lone.sum(axis=2)  # [layers, n]
+    dev_load = w_slot.sum(axis=2)
+    limit = np.asarray(allowance)[:, None]
+    # One swap per layer over its allowance at a time, every such layer at once.
+    while (active := np.flatnonzero((held > limit).any(axis=1))).size:
+        r = active
+        a = np.arange(r.size)
+        over = np.argmax(held[r], axis=1)  # [a]
+        on_over = phy[r, over]  # [a, s]
+        w1 = np.where(is_lone[r, over], w_slot[r, over], np.nan)  # [a, s]: lone ones leave
+        # Candidates: the 8 lightest devices under the allowance (enough to choose well).
+        room = np.where(held[r] < limit[r], dev_load[r], np.inf)
+        cand = np.argsort(room, axis=1, kind="stable")[:, : min(n, 8)]  # [a, k]
+        on_cand = np.take_along_axis(phy[r], cand[..., None], axis=1)  # [a, k, s]
+        w2 = np.take_along_axis(w_slot[r], cand[..., None], axis=1)
+        ok2 = ~np.take_along_axis(is_lone[r], cand[..., None], axis=1)
+        ok2 &= ~(on_cand[..., None] == on_over[:, None, None, :]).any(axis=3)
+        ok2 &= np.isfinite(np.take_along_axis(room, cand, axis=1))[..., None]
+        new_over = dev_load[r, over][:, None, None, None] - w1[:, None, :, None]
+        new_over = new_over + w2[:, :, None, :]  # [a, k, s (lone q1), s (shared q2)]
+        base = np.take_along_axis(dev_load[r], cand, axis=1)
+        new_under = base[..., None, None] + w1[:, None, :, None] - w2[:, :, None, :]
+        score = np.where(ok2[:, :, None, :], np.maximum(new_over, new_under), np.inf)
+        score = np.where(np.isnan(score), np.inf, score).reshape(r.size, -1)
+        k, q1, q2 = np.unravel_index(np.argmin(score, axis=1), (cand.shape[1], s, s))
+        d2 = cand[a, k]
+        dev_load[r, over] = new_over[a, k, q1, q2]
+        dev_load[r, d2] = new_under[a, k, q1, q2]
+        x1, x2 = phy[r, over, q1], phy[r, d2, q2]
+        phy[r, over, q1], phy[r, d2, q2] = x2, x1
+        w_slot[r, over, q1], w_slot[r, d2, q2] = w_slot[r, d2, q2], w_slot[r, over, q1]
+        is_lone[r, over, q1], is_lone[r, d2, q2] = False, True
+        held[r, over] -= 1
+        held[r, d2] += 1
+    return phy.reshape(layers, n * s)
 
 
 @dataclass(frozen=True)

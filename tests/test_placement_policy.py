@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 
 from mesh.placement import Placement, device_load, orphaned_by_loss, place, repair
 from mesh.placement_policy import (
+    best_lone,
     counts_with_lone,
-    lone_choices,
+    lone_range,
     placement_figures,
     policy_counts,
 )
@@ -56,7 +57,7 @@ def test_auto_restore_and_balance_within_the_promise(layout, budget):
     lone = (p.replica_count == 1).sum(axis=1)
     plain = s <= budget  # no device can hold more than the budget: plain EPLB packing
     if not plain:
-        assert (restore <= -(-lone // n)).all()  # lone experts spread evenly
+        assert (restore <= np.maximum(budget, -(-lone // n))).all()  # lone experts spread
     w = max_w(load, p.replica_count)
     per_device = device_load(p, load)
     spread = per_device.max(axis=1) - per_device.min(axis=1)
@@ -116,14 +117,32 @@ def test_auto_has_no_cliff(case):
         before = w
 
 
-def test_lone_choices_follow_the_ramp():
-    # 256 experts on 32 devices, budget 2: R = E allows 64 lone experts, one round each.
-    assert lone_choices(256, 32, 16, 32, 2) == [0, 32, 64]
-    # Below R = B*N every slot follows load; between, the allowance shrinks by one per slot.
-    assert lone_choices(256, 32, 10, 32, 2) == [192, 224]  # 256: too few slots filled
-    assert lone_choices(256, 32, 12, 32, 2) == [128, 160, 192]
+def test_lone_range_follows_the_ramp():
+    # 256 experts on 32 devices, budget 2: R = E allows 64 lone experts, two per device.
+    assert lone_range(256, 32, 16, 32, 2) == (0, 64)
+    # Between R = B*N and R = E the allowance shrinks by one lone expert per redundant slot.
+    assert lone_range(256, 32, 12, 32, 2) == (128, 192)
+    # Below R = B*N every slot may follow load, up to what the caps can fill.
+    assert lone_range(256, 32, 10, 32, 2) == (192, 253)
     counts = counts_with_lone(np.ones((1, 8)), 12, 4, 4)
     assert sorted(counts[0].tolist()) == [1] * 4 + [2] * 4
+
+
+@SETTINGS
+@given(layouts(), st.integers(1, 3))
+def test_best_lone_is_the_best_of_every_allowed_count(layout, budget):
+    """Bisection against trying every u in [lo, hi]."""
+    load, n, s, max_replicas = layout
+    cap = min(n, max_replicas)
+    lo, hi = lone_range(load.shape[1], n, s, cap, budget)
+    every = np.stack(
+        [max_w(load, counts_with_lone(load, n * s, cap, u)) for u in range(lo, hi + 1)]
+    )
+    chosen, counts = best_lone(load, n * s, cap, lo, hi)
+    assert ((lo <= chosen) & (chosen <= hi)).all()
+    assert np.array_equal(counts, counts_with_lone(load, n * s, cap, chosen))
+    got = max_w(load, counts)
+    assert np.allclose(got, every.min(axis=0), rtol=1e-9)
 
 
 def test_auto_at_deepseek_shape_keeps_two_lone_experts_per_device():
@@ -152,7 +171,7 @@ def test_auto_repair_keeps_the_lone_allowance(layout, budget, data):
     new = repair(old, keep, load, max_replicas, policy="auto", restore_budget=budget)
     new.validate()
     lone = (new.replica_count == 1).sum(axis=1)
-    assert (worst_restore(new) <= -(-lone // (n - 1))).all()
+    assert (worst_restore(new) <= np.maximum(budget, -(-lone // (n - 1)))).all()
 
 
 def test_placement_figures_match_their_definitions():
