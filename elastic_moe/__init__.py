@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'elastic_moe' has no attribute {name!r}")
+    if _EXPORTS[name].startswith("models."):
+        from elastic_moe.layout import check_layout
+
+        check_layout()  # a foreign `models` would fail below with a confusing error
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value

@@ -1,5 +1,5 @@
 """`python -m elastic_moe`: the `elastic-moe` command line."""
 
-from serve.cli import main
+from elastic_moe.cli import main
 
 raise SystemExit(main())
