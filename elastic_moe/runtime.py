@@ -254,6 +254,12 @@ class Runtime:
             except Exception:  # a broken watcher must not stop serving
                 self.unwatch(watcher)
 
+    @property
+    def watcher_count(self) -> int:
+        """Status watchers subscribed now (one per open WatchMeshStatus stream)."""
+        with self._lock:
+            return len(self._watchers)
+
     def unwatch(self, watcher) -> None:
         with self._lock:
             if watcher in self._watchers:

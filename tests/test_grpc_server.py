@@ -371,17 +371,17 @@ def test_dry_run_changes_nothing(client):
 
 
 def test_watch_mesh_status_and_rebalance(client, served):
-    watchers_before = len(served.runtime._watchers)
+    watchers_before = served.runtime.watcher_count
     watch = client.watch_mesh()
     first = next(watch)
-    assert len(served.runtime._watchers) == watchers_before + 1
+    assert served.runtime.watcher_count == watchers_before + 1
     result = client.rebalance(op_id="rebalance-1")
     assert result.epoch == first.epoch + 1 and result.summary.cause == "rebalance"
     assert client.rebalance(op_id="rebalance-1") == result
     change = next(watch)
     assert change.epoch == first.epoch + 1 and change.last.cause == "rebalance"
     watch.cancel()
-    wait_until(lambda: len(served.runtime._watchers) == watchers_before)
+    wait_until(lambda: served.runtime.watcher_count == watchers_before)
     assert client.generate(PROMPTS[0], MAX_TOKENS).token_ids == served.greedy[0]
 
 
