@@ -14,8 +14,8 @@ Policies (`policy_counts`; `mesh.placement.place` / `repair` take `policy=`):
     highest load / replicas. Lowest max load per replica; lone experts land anywhere.
   * "auto" (restore budget B, default 2 experts per layer): exactly u experts are lone (the u
     coldest, capped at one replica), the others get at least two, EPLB hands out the rest.
-    Per layer u is the number in [lo, hi] with the lowest max load per replica (`best_lone`;
-    ties: fewer lone experts):
+    Per layer u is the fewest in [lo, hi] whose max load per replica is within 1% of the
+    mean device load of the lowest any u in [lo, hi] gives (`best_lone`):
         lo = max(0, E - R)                    (two replicas for E - u experts must fit)
         hi = min(E, (E*cap - N*S) / (cap-1),   (the caps must fill every slot)
                  B*N + max(0, E - R))          (the allowance, see below)
@@ -32,16 +32,18 @@ What "auto" promises (checked by tests/test_placement_policy.py):
      worst single-loss restore is at most B + ceil(max(0, E - R) / N), i.e. at most B once
      R >= E (or S if that is smaller). `repair(policy="auto")` keeps the same allowance by
      swapping a lone expert with a replica of a shared one (two more copies per swap).
-  2. Balance: max w = max load / replicas is the lowest of any layout with at most hi lone
-     experts (EPLB's greedy is optimal for min max w under per-expert floors and caps, the
-     u coldest are the best lone set, and `best_lone` finds the best u). Dealt lone-last
-     with u a multiple of N, the lone experts fill whole rounds, each round is still dealt
-     heaviest item to lightest device, and the bound of mesh/placement.py holds: max device
-     load <= mean + max w. Otherwise one round mixes both kinds: max - min <= 2 max w.
-     `pack_auto` keeps the lone-last layout unless the other one is better, so both hold.
-  3. No cliff: for fixed N, load and B, max w never grows with S. Going from S to S + 1
-     (R + N), hi and lo fall by at most N, so u - N is allowed for the best u at S, and the N
-     more slots can give its N heaviest lone experts a second replica: max w cannot rise.
+  2. Balance: max w <= w* + 0.01 * mean device load, where w* is the lowest max w of any
+     layout with at most hi lone experts (EPLB's greedy is optimal for min max w under
+     per-expert floors and caps, the u coldest are the best lone set, and `best_lone` finds
+     the best u). Dealt lone-last with u a multiple of N, the lone experts fill whole rounds,
+     each round is still dealt heaviest item to lightest device, and the bound of
+     mesh/placement.py holds: max device load <= mean + max w. Otherwise one round mixes both
+     kinds: max - min <= 2 max w. `pack_auto` keeps the lone-last layout unless the other one
+     is better, so both hold.
+  3. No cliff: for fixed N, load and B, w* never grows with S, so neither does the promise
+     w* + 0.01 * mean. Going from S to S + 1 (R + N), hi and lo fall by at most N, so u - N is
+     allowed for the best u at S, and the N more slots can give its N heaviest lone experts a
+     second replica: the lowest max w cannot rise.
 
 Primary routing (`mesh.placement.primary_first`): at decode the engine sends all of an
 expert's tokens to its column-0 replica, so extra replicas of a hot expert only give the
@@ -69,6 +71,7 @@ from mesh.placement import (
 )
 
 POLICIES = ("auto", "balance", "survive")
+BALANCE_SLACK = 0.01  # auto trades up to 1% of a mean device load (in the bound) for survival
 
 
 def policy_counts(
@@ -78,11 +81,14 @@ def policy_counts(
     cap: int,
     policy: str = "auto",
     restore_budget: int = 2,
+    balance_slack: float = BALANCE_SLACK,
 ) -> np.ndarray:
     """[layers, num_experts] int64 replica counts, each layer summing to N*S.
 
     load: [layers, num_experts] float, non-negative. cap: the most replicas one expert may
-    get (the caller passes min(num_devices, max_replicas)). restore_budget: B, used by "auto".
+    get (the caller passes min(num_devices, max_replicas)). restore_budget: B, and
+    balance_slack: how much max w may give up for fewer lone experts, as a share of the mean
+    device load; both used by "auto".
     """
     n, s = int(num_devices), int(slots_per_device)
     layers, experts = load.shape
@@ -96,7 +102,8 @@ def policy_counts(
     if policy == "balance" or s <= restore_budget:
         return _eplb(load, n * s, np.ones(load.shape, dtype=np.int64), cap)
     lo, hi = lone_range(experts, n, s, cap, restore_budget)
-    return best_lone(load, n * s, cap, lo, hi)[1]
+    slack = balance_slack * load.sum(axis=1) / n  # a share of the mean device load
+    return best_lone(load, n * s, cap, lo, hi, slack)[1]
 
 
 def lone_range(
@@ -111,25 +118,31 @@ def lone_range(
 
 
 def best_lone(
-    load: np.ndarray, num_slots: int, cap: int, lo: int, hi: int
+    load: np.ndarray,
+    num_slots: int,
+    cap: int,
+    lo: int,
+    hi: int,
+    slack: np.ndarray | float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer the number u in [lo, hi] of lone experts with the lowest max w, and its counts.
+    """Per layer the fewest lone experts u in [lo, hi] whose max w is within `slack` of the
+    lowest, and the counts for it.
 
     max w(u) = max(A(u), B(u)): A, the heaviest lone expert's load, never falls as u grows;
     B, the max load per replica of the others, never rises (one more lone expert frees at
-    least one slot for fewer experts). So A - B only grows: bisect the first u with
-    A(u) >= B(u), i.e. with v = A(u) feasible for the others (each needs max(2, ceil(L / v))
-    replicas, at most cap, and they must fit in num_slots - u); the best is u or u - 1
-    (ties: fewer lone experts).
-    load: [layers, num_experts]. Returns ([layers] int, [layers, num_experts] int64 counts).
+    least one slot for fewer experts). B(u) <= v exactly when v is feasible for the others:
+    each needs max(2, ceil(L / v)) replicas, at most cap, and together at most num_slots - u.
+    So bisect the first u with A(u) >= B(u): the lowest max w is at u or u - 1. Then bisect
+    the first u with B(u) <= that + slack (A is below it for every smaller u).
+    load: [layers, num_experts]; slack: float or [layers], in load units.
+    Returns ([layers] int, [layers, num_experts] int64 counts).
     """
     layers, experts = load.shape
     rows = np.arange(layers)
     heaviest_first = -np.sort(-load, axis=1)  # [layers, experts]
     rank = np.arange(experts)
 
-    def crossed(u):  # [layers] bool: A(u) >= B(u)
-        v = np.where(u > 0, heaviest_first[rows, np.clip(experts - u, 0, experts - 1)], 0.0)
+    def others_fit(u, v):  # [layers] bool: B(u) <= v
         others = rank < (experts - u)[:, None]
         ratio = heaviest_first / np.where(v > 0, v, 1.0)[:, None]
         ratio = np.where(heaviest_first > 0, np.where(v[:, None] > 0, ratio, np.inf), 0.0)
@@ -137,18 +150,35 @@ def best_lone(
         fits = ((need <= cap) | ~others).all(axis=1)
         return fits & (np.where(others, need, 0).sum(axis=1) + u <= num_slots)
 
-    left, right = np.full(layers, lo), np.full(layers, hi + 1)  # hi + 1: never crosses
-    while (left < right).any():
-        mid = np.minimum((left + right) // 2, hi)
-        done = crossed(mid) & (left < right)
-        right = np.where(done, mid, right)
-        left = np.where(~done & (left < right), mid + 1, left)
-    upper = np.minimum(left, hi)
+    def first(pred, left, right):  # [layers]: smallest u in [left, right) with pred, or right
+        left, right = left.copy(), right.copy()
+        while (left < right).any():
+            mid = np.minimum((left + right) // 2, right - 1)
+            ok = pred(np.maximum(mid, left)) & (left < right)
+            right = np.where(ok, mid, right)
+            left = np.where(~ok & (left < right), mid + 1, left)
+        return left
+
+    def heaviest_lone(u):
+        return np.where(u > 0, heaviest_first[rows, np.clip(experts - u, 0, experts - 1)], 0.0)
+
+    cross = first(
+        lambda u: others_fit(u, heaviest_lone(u)), np.full(layers, lo), np.full(layers, hi + 1)
+    )
+    upper = np.minimum(cross, hi)
     lower = np.maximum(upper - 1, lo)
     c_up, c_low = (counts_with_lone(load, num_slots, cap, u) for u in (upper, lower))
     w_up, w_low = (load / c_up).max(axis=1), (load / c_low).max(axis=1)
     take_low = w_low <= w_up * (1 + 1e-12)
-    return np.where(take_low, lower, upper), np.where(take_low[:, None], c_low, c_up)
+    u_best = np.where(take_low, lower, upper)
+    best = np.where(take_low[:, None], c_low, c_up)
+    limit = np.minimum(w_low, w_up) + slack
+    if not (np.asarray(slack) > 0).any():
+        return u_best, best
+    fewer = first(lambda u: others_fit(u, limit), np.full(layers, lo), u_best)
+    c_few = counts_with_lone(load, num_slots, cap, fewer)
+    ok = (load / c_few).max(axis=1) <= limit * (1 + 1e-9)  # else keep the best
+    return np.where(ok, fewer, u_best), np.where(ok[:, None], c_few, best)
 
 
 def counts_with_lone(load: np.ndarray, num_slots: int, cap: int, lone) -> np.ndarray:
