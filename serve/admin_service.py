@@ -25,6 +25,22 @@ from serve.status_convert import (
     reconfigure_result,
 )
 
+# Bounds on what one Admin call may carry (the cause string is kept in every status).
+MAX_DEVICE_IDS = 4096
+MAX_REASON_CHARS = 1024
+MAX_OP_ID_CHARS = 256
+
+
+def check_sizes(message) -> None:
+    """ValueError when a reconfiguration request carries more than any mesh needs."""
+    ids = getattr(message, "device_ids", ())
+    if len(ids) > MAX_DEVICE_IDS:
+        raise ValueError(f"at most {MAX_DEVICE_IDS} device_ids per call, got {len(ids)}")
+    for field, limit in (("reason", MAX_REASON_CHARS), ("op_id", MAX_OP_ID_CHARS)):
+        text = getattr(message, field, "")
+        if len(text) > limit:
+            raise ValueError(f"{field} has {len(text)} characters; at most {limit}")
+
 
 def status_code_of(error: BaseException) -> grpc.StatusCode:
     if isinstance(error, UnknownDevice):
@@ -50,7 +66,13 @@ class AdminService(pb_grpc.AdminServicer):
         self._drain = drain
         self.metrics = metrics
 
-    async def _operation(self, start: Callable[[], Future], context) -> pb.ReconfigureResult:
+    async def _operation(
+        self, message, start: Callable[[], Future], context
+    ) -> pb.ReconfigureResult:
+        try:
+            check_sizes(message)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return reconfigure_result(await self._run(start, context))
 
     async def _run(self, start: Callable[[], Future], context):
@@ -93,6 +115,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def FailDevices(self, message: pb.FailDevicesRequest, context):
         ids = list(message.device_ids)
         return await self._operation(
+            message,
             lambda: self.runtime.fail(
                 ids, reason=message.reason, op_id=message.op_id, dry_run=message.dry_run
             ),
@@ -101,10 +124,14 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def RejoinDevices(self, message: pb.RejoinDevicesRequest, context):
         ids = list(message.device_ids)
-        return await self._operation(lambda: self.runtime.rejoin(ids, op_id=message.op_id), context)
+        return await self._operation(
+            message, lambda: self.runtime.rejoin(ids, op_id=message.op_id), context
+        )
 
     async def Rebalance(self, message: pb.RebalanceRequest, context):
-        return await self._operation(lambda: self.runtime.rebalance(op_id=message.op_id), context)
+        return await self._operation(
+            message, lambda: self.runtime.rebalance(op_id=message.op_id), context
+        )
 
     async def VerifyExperts(self, message: pb.VerifyExpertsRequest, context):
         repair = not message.check_only

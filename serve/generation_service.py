@@ -3,18 +3,27 @@
 Each Generate call submits one request to the runtime with a listener that hops every event from
 the runtime's loop thread onto the asyncio loop. Whatever ends the call before the request
 finished (the client cancels, its deadline passes, the server stops) aborts the request in the
-runtime at once, so its slot frees.
+runtime at once, so its slot frees. Every list and string of a request is bounded
+(INVALID_ARGUMENT beyond).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 
 import grpc
 
 from elastic_moe.engine import TokenEvent
-from elastic_moe.requests import Request, RequestError, SamplingParams
+from elastic_moe.requests import (
+    MAX_PROMPT_TEXT_BYTES_PER_TOKEN,
+    MAX_REQUEST_ID_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    Request,
+    RequestError,
+    SamplingParams,
+)
 from elastic_moe.runtime import Draining, Finished, QueueFull, Runtime
 from models.tokenizer import Tokenizer
 from serve.metrics import ServerMetrics
@@ -23,33 +32,65 @@ from serve.proto import elastic_moe_pb2_grpc as pb_grpc
 from serve.status_convert import finish_reason_to_proto, model_info
 from serve.text_stream import IncrementalDetokenizer
 
+MAX_ABORT_IDS = 1024  # request ids in one Abort call
+
+
+def check_abort_ids(request_ids: Sequence[str]) -> None:
+    """RequestError when an Abort carries too many ids, or one that no request could have."""
+    if len(request_ids) > MAX_ABORT_IDS:
+        raise RequestError(f"at most {MAX_ABORT_IDS} request_ids per Abort, got {len(request_ids)}")
+    for request_id in request_ids:
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise RequestError(
+                f"a request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
+            )
+
 
 def request_from_proto(message: pb.GenerateRequest, runtime: Runtime, tokenizer: Tokenizer):
-    """The runtime Request for a GenerateRequest; raises RequestError naming what is wrong."""
+    """The runtime Request for a GenerateRequest; raises RequestError naming what is wrong.
+
+    Every list and string is measured before it is walked or tokenized (a gRPC message may be
+    up to 4 MB: a million ids), so a hostile request costs no more than a normal one."""
     cfg = runtime.engine.cfg
     which = message.WhichOneof("input")
     if which is None:
         raise RequestError("the request has no input: set either text or tokens")
+    if len(message.request_id) > MAX_REQUEST_ID_CHARS:
+        raise RequestError(
+            f"request_id has {len(message.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
+        )
+    if len(message.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise RequestError(
+            f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids per request, got "
+            f"{len(message.stop_token_ids)}"
+        )
+    if message.max_tokens > cfg.max_seq_len:
+        raise RequestError(
+            f"max_tokens ({message.max_tokens}) exceeds the model's max_seq_len ({cfg.max_seq_len})"
+        )
     if which == "text":
         if not message.text:
             raise RequestError("the prompt is empty (text is '')")
+        limit = MAX_PROMPT_TEXT_BYTES_PER_TOKEN * cfg.max_seq_len
+        size = len(message.text.encode("utf-8"))
+        if size > limit:
+            raise RequestError(
+                f"the text prompt has {size} bytes; at most {limit} for a model of max_seq_len "
+                f"{cfg.max_seq_len}"
+            )
         try:
             prompt = list(tokenizer.encode(message.text))
         except ValueError as error:
             raise RequestError(f"the text cannot be tokenized: {error}") from None
     else:
+        if len(message.tokens.ids) > cfg.max_seq_len:
+            raise RequestError(
+                f"the prompt has {len(message.tokens.ids)} tokens; the model's max_seq_len is "
+                f"{cfg.max_seq_len}"
+            )
         prompt = list(message.tokens.ids)
     if not prompt:
         raise RequestError("the prompt is empty (no token ids)")
-    if message.max_tokens > cfg.max_seq_len:
-        raise RequestError(
-            f"max_tokens ({message.max_tokens}) exceeds the model's max_seq_len ({cfg.max_seq_len})"
-        )
-    bad_stops = [t for t in message.stop_token_ids if not 0 <= t < cfg.vocab_size]
-    if bad_stops:
-        raise RequestError(
-            f"stop_token_ids outside the vocabulary [0, {cfg.vocab_size}): {bad_stops}"
-        )
     s = message.sampling
     request = Request(
         prompt,
@@ -60,7 +101,7 @@ def request_from_proto(message: pb.GenerateRequest, runtime: Runtime, tokenizer:
         stop_token_ids=tuple(message.stop_token_ids),
         request_id=message.request_id or f"req-{uuid.uuid4().hex}",
     )
-    request.validate(cfg.vocab_size, cfg.max_seq_len)  # prompt, lengths, sampling
+    request.validate(cfg.vocab_size, cfg.max_seq_len)  # ids, lengths, request_id, sampling
     return request
 
 
@@ -182,6 +223,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             yield chunk()
 
     async def Abort(self, message: pb.AbortRequest, context: grpc.aio.ServicerContext):
+        try:
+            check_abort_ids(message.request_ids)
+        except RequestError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         ids = list(dict.fromkeys(i for i in message.request_ids if i))
         if not ids:
             return pb.AbortResponse(aborted=0)
