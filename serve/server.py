@@ -32,6 +32,7 @@ from models.tokenizer import ByteTokenizer, Tokenizer
 from serve.admin_service import AdminService
 from serve.auth import AdminTokenInterceptor, is_loopback, resolve_admin_token
 from serve.generation_service import GenerationService
+from serve.malformed_requests import MalformedRequestInterceptor
 from serve.metrics import ServerMetrics
 from serve.proto import elastic_moe_pb2 as pb
 from serve.proto import elastic_moe_pb2_grpc as pb_grpc
@@ -137,8 +138,12 @@ class ElasticServer:
             credentials = grpc.ssl_server_credentials(
                 [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
             )
-        generation = grpc.aio.server(options=GRPC_OPTIONS)
+        # Bytes that are not the request message: INVALID_ARGUMENT (after the token check).
+        generation = grpc.aio.server(
+            interceptors=[MalformedRequestInterceptor()], options=GRPC_OPTIONS
+        )
         interceptors = [AdminTokenInterceptor(self.admin_token)] if self.admin_token else []
+        interceptors.append(MalformedRequestInterceptor())
         admin = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
         pb_grpc.add_GenerationServicer_to_server(
             GenerationService(runtime, self.tokenizer, self.tokenizer_kind, self.metrics),

@@ -1,11 +1,15 @@
-"""Hostile input against the gRPC server (issue 11): oversized lists and strings. One server
-(tiny-mixtral on 2 simulated devices, with an admin token) serves the whole module.
+"""Hostile input against the gRPC server (issue 11): oversized lists and strings, and bytes that
+are not a protobuf message. One server (tiny-mixtral on 2 simulated devices, with an admin
+token) serves the whole module.
 """
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from elastic_moe import Engine, EngineOptions, get_preset, init_params
 from elastic_moe.coordinator import Coordinator
@@ -20,6 +24,8 @@ from elastic_moe.runtime import Runtime
 from serve.client import Client
 from serve.demo import paced_stepper
 from serve.generation_service import MAX_ABORT_IDS
+from serve.proto import elastic_moe_pb2 as pb
+from serve.proto import elastic_moe_pb2_grpc as pb_grpc
 from serve.server import ServerConfig, ServerThread
 
 TOKEN = "operator-secret"
@@ -130,3 +136,45 @@ def test_admin_strings_and_lists_are_bounded(server):
         assert_invalid(lambda: admin.rejoin([1], op_id="o" * 300), "op_id")
         assert_invalid(lambda: admin.fail(list(range(5000)), dry_run=True), "device_ids")
         assert admin.mesh_status().epoch == 0  # nothing changed
+
+
+# ---- bytes that are not a message: INVALID_ARGUMENT on both ports ---------------------------
+def raw_unary(channel: grpc.Channel, method: str, metadata=()):
+    call = channel.unary_unary(method)  # no serializers: the bytes go out as they are
+    return lambda: call(GARBAGE, timeout=10, metadata=metadata)
+
+
+def raw_stream(channel: grpc.Channel, method: str, metadata=()):
+    call = channel.unary_stream(method)
+    return lambda: list(call(GARBAGE, timeout=10, metadata=metadata))
+
+
+def test_malformed_bytes_are_invalid_argument_on_the_generation_port(server, caplog):
+    with caplog.at_level(logging.ERROR), grpc.insecure_channel(server.target) as channel:
+        generation = "/elastic_moe.v1.Generation/"
+        assert_invalid(raw_stream(channel, generation + "Generate"), "GenerateRequest")
+        assert_invalid(raw_unary(channel, generation + "Abort"), "AbortRequest")
+        assert_invalid(raw_unary(channel, generation + "GetModelInfo"), "ModelInfoRequest")
+        assert_invalid(raw_unary(channel, "/grpc.health.v1.Health/Check"), "HealthCheckRequest")
+        stub = pb_grpc.GenerationStub(channel)
+        assert stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10).name == "tiny-mixtral"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_malformed_bytes_are_invalid_argument_on_the_admin_port(server, caplog):
+    bearer = (("authorization", f"Bearer {TOKEN}"),)
+    admin = "/elastic_moe.v1.Admin/"
+    with caplog.at_level(logging.ERROR), grpc.insecure_channel(server.admin_target) as channel:
+        assert_invalid(raw_unary(channel, admin + "GetMeshStatus", bearer), "MeshStatusRequest")
+        assert_invalid(raw_stream(channel, admin + "WatchMeshStatus", bearer))
+        assert_invalid(raw_unary(channel, admin + "FailDevices", bearer), "FailDevicesRequest")
+        # The token is checked first: garbage from a caller without it learns nothing more.
+        error = refused(raw_unary(channel, admin + "FailDevices"))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        assert health(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
