@@ -167,6 +167,15 @@ class _Base:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    def _operator_metadata(self, as_operator: bool) -> tuple[tuple[str, str], ...]:
+        """The admin token on a Generation call, only when asked: the Generation port may
+        face more of the network than the Admin port does."""
+        if not as_operator:
+            return ()
+        if not self.admin_token:
+            raise ValueError("as_operator=True needs admin_token (or $ELASTIC_MOE_ADMIN_TOKEN)")
+        return self._admin_metadata
+
     @contextlib.contextmanager
     def _reaching_admin(self):
         """Turns "no server there" on the Admin port into AdminUnreachable (with the address)."""
@@ -263,10 +272,15 @@ class Client(_Base):
             completion.add(response)
         return completion
 
-    def abort(self, request_ids: str | Iterable[str]) -> int:
+    def abort(self, request_ids: str | Iterable[str], *, as_operator: bool = False) -> int:
+        """Aborts this client's own requests among `request_ids` (the server ignores the ids of
+        requests another connection started); as_operator=True sends the admin token, with
+        which any request may be aborted. Returns how many were aborted."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         return self._generation.Abort(
-            pb.AbortRequest(request_ids=ids), timeout=self.timeout
+            pb.AbortRequest(request_ids=ids),
+            timeout=self.timeout,
+            metadata=self._operator_metadata(as_operator),
         ).aborted
 
     def model_info(self) -> pb.ModelInfo:
@@ -395,10 +409,13 @@ class AsyncClient(_Base):
             completion.add(response)
         return completion
 
-    async def abort(self, request_ids: str | Iterable[str]) -> int:
+    async def abort(self, request_ids: str | Iterable[str], *, as_operator: bool = False) -> int:
+        """See Client.abort."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         response = await self._generation.Abort(
-            pb.AbortRequest(request_ids=ids), timeout=self.timeout
+            pb.AbortRequest(request_ids=ids),
+            timeout=self.timeout,
+            metadata=self._operator_metadata(as_operator),
         )
         return response.aborted
 

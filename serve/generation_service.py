@@ -4,7 +4,7 @@ Each Generate call submits one request to the runtime with a listener that hops 
 the runtime's loop thread onto the asyncio loop. Whatever ends the call before the request
 finished (the client cancels, its deadline passes, the server stops) aborts the request in the
 runtime at once, so its slot frees. Every list and string of a request is bounded
-(INVALID_ARGUMENT beyond).
+(INVALID_ARGUMENT beyond), and Abort ends only the caller's own requests (request_owners.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from models.tokenizer import Tokenizer
 from serve.metrics import ServerMetrics
 from serve.proto import elastic_moe_pb2 as pb
 from serve.proto import elastic_moe_pb2_grpc as pb_grpc
+from serve.request_owners import AbortRefused, RequestOwners
 from serve.status_convert import finish_reason_to_proto, model_info
 from serve.text_stream import IncrementalDetokenizer
 
@@ -112,9 +113,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         tokenizer: Tokenizer,
         tokenizer_kind: str,
         metrics: ServerMetrics,
+        admin_token: str | None = None,
     ):
+        """admin_token: an Abort call carrying it may end any request (operators)."""
         self.runtime, self.tokenizer, self.metrics = runtime, tokenizer, metrics
         self.info = model_info(runtime.engine.cfg, tokenizer_kind)
+        self.owners = RequestOwners(admin_token)
 
     async def Generate(self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
@@ -148,6 +152,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(*refusal)
 
         request_id = request.request_id
+        owner = self.owners.add(request_id, context)
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt)
         finished = False
         try:
@@ -177,6 +182,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         finally:
             if not finished:  # cancelled, deadline passed, or the server is stopping
                 runtime.abort([request_id])
+            self.owners.remove(request_id, owner)
 
     def _responses(self, request_id, batch, detokenizer):
         """Chunks for runs of consecutive tokens of one mesh epoch, then Complete if finished."""
@@ -225,9 +231,11 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Abort(self, message: pb.AbortRequest, context: grpc.aio.ServicerContext):
         try:
             check_abort_ids(message.request_ids)
+            ids = self.owners.abortable(message.request_ids, context)
         except RequestError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        ids = list(dict.fromkeys(i for i in message.request_ids if i))
+        except AbortRefused as error:
+            await context.abort(error.code, str(error))
         if not ids:
             return pb.AbortResponse(aborted=0)
         try:

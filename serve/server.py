@@ -145,10 +145,10 @@ class ElasticServer:
         interceptors = [AdminTokenInterceptor(self.admin_token)] if self.admin_token else []
         interceptors.append(MalformedRequestInterceptor())
         admin = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
-        pb_grpc.add_GenerationServicer_to_server(
-            GenerationService(runtime, self.tokenizer, self.tokenizer_kind, self.metrics),
-            generation,
+        generation_service = GenerationService(
+            runtime, self.tokenizer, self.tokenizer_kind, self.metrics, self.admin_token
         )
+        pb_grpc.add_GenerationServicer_to_server(generation_service, generation)
         pb_grpc.add_AdminServicer_to_server(AdminService(runtime, self.drain, self.metrics), admin)
         for server, service in ((generation, GENERATION_SERVICE), (admin, ADMIN_SERVICE)):
             checker = health.aio.HealthServicer()

@@ -1,6 +1,6 @@
-"""Hostile input against the gRPC server (issue 11): oversized lists and strings, and bytes that
-are not a protobuf message. One server (tiny-mixtral on 2 simulated devices, with an admin
-token) serves the whole module.
+"""Hostile input against the gRPC server (issue 11): oversized lists and strings, bytes that are
+not a protobuf message, and Abort of another client's request. One server (tiny-mixtral on 2
+simulated devices, with an admin token) serves the whole module.
 """
 
 from __future__ import annotations
@@ -178,3 +178,54 @@ def test_malformed_bytes_are_invalid_argument_on_the_admin_port(server, caplog):
         )
         assert health(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+# ---- Abort ends only the caller's own requests ------------------------------------------------
+def start_long(stub: pb_grpc.GenerationStub, request_id: str):
+    """A LONG request, with its first response already read (so it is running)."""
+    message = pb.GenerateRequest(
+        request_id=request_id, tokens=pb.TokenIds(ids=[5, 6, 7]), max_tokens=LONG
+    )
+    stream = stub.Generate(message, timeout=60)
+    first = next(stream)
+    assert first.HasField("chunk")
+    return stream, len(first.chunk.token_ids)
+
+
+def rest(stream, tokens: int) -> tuple[int, str]:
+    finish = ""
+    for response in stream:
+        if response.HasField("chunk"):
+            tokens += len(response.chunk.token_ids)
+        else:
+            finish = pb.FinishReason.Name(response.complete.finish_reason)
+    return tokens, finish
+
+
+def test_another_connection_cannot_abort_a_request(client, server):
+    with other_connection(server.target) as channel:
+        stream, tokens = start_long(pb_grpc.GenerationStub(channel), "victim")
+        assert client.abort(["victim"]) == 0
+        assert rest(stream, tokens) == (LONG, "LENGTH")
+
+
+def test_the_owner_aborts_its_own_request(server):
+    with other_connection(server.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        stream, tokens = start_long(stub, "mine")
+        abort = pb.AbortRequest(request_ids=["mine", "mine", "", "unknown"])
+        assert stub.Abort(abort, timeout=10).aborted == 1
+        assert rest(stream, tokens)[1] == "ABORTED"
+        assert stub.Abort(abort, timeout=10).aborted == 0  # finished: ignored
+
+
+def test_an_operator_with_the_admin_token_aborts_any_request(server):
+    with other_connection(server.target) as channel:
+        stream, tokens = start_long(pb_grpc.GenerationStub(channel), "stuck")
+        with Client(server.target, admin_token="wrong", timeout=10) as impostor:
+            error = refused(lambda: impostor.abort(["stuck"], as_operator=True))
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        with Client(server.target, admin_token=TOKEN, timeout=10) as operator:
+            assert operator.abort(["stuck"]) == 0  # the token is sent only when asked
+            assert operator.abort(["stuck"], as_operator=True) == 1
+        assert rest(stream, tokens)[1] == "ABORTED"
