@@ -1,6 +1,6 @@
 """Placement planning on a DeepSeek-V3-like layout: how long a repair takes and what it moves.
 
-    python benchmarks/bench_placement.py [--quick]
+    python benchmarks/bench_placement.py [--quick] [--policy survive|balance|auto]
 
 For 256 experts x 58 MoE layers on 32..256 devices with 0..256 redundant slots, lose 1, 2 or 8
 random devices and time the whole plan: repair() + plan_transfers() + schedule_rounds().
@@ -44,9 +44,9 @@ def imbalance(p, load) -> float:
     return float((per_device.max(axis=1) / per_device.mean(axis=1)).max())
 
 
-def plan_once(old, keep, load):
+def plan_once(old, keep, load, policy):
     t0 = time.perf_counter()
-    new = repair(old, keep, load, MAX_REPLICAS)
+    new = repair(old, keep, load, MAX_REPLICAS, policy=policy)
     plan = plan_transfers(old, new, keep)
     rounds = schedule_rounds(plan, new.num_devices, new.slots_per_device)
     return time.perf_counter() - t0, new, plan, rounds
@@ -55,6 +55,9 @@ def plan_once(old, keep, load):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one timing run per row")
+    parser.add_argument(
+        "--policy", default="survive", choices=("survive", "balance", "auto"), help="placement"
+    )
     args = parser.parse_args()
     repeats = 1 if args.quick else 5
     rng = np.random.default_rng(0)
@@ -63,7 +66,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     print(
         f"layout: {EXPERTS} experts x {LAYERS} MoE layers, max_replicas={MAX_REPLICAS}, "
-        f"Zipf(s={ZIPF_EXPONENT}) load from {TOKENS_PER_LAYER} routed tokens per layer (seed 0)"
+        f"Zipf(s={ZIPF_EXPONENT}) load from {TOKENS_PER_LAYER} routed tokens per layer (seed 0), "
+        f"policy {args.policy}"
     )
     print(
         f"bytes: 1 expert = 3 x 7168 x 2048 params x 1 byte (fp8, scales ignored) = "
@@ -83,7 +87,7 @@ def main() -> None:
             if (n, s) in seen:  # R rounds up to the same S: same layout
                 continue
             seen.add((n, s))
-            old = place(load, n, s, MAX_REPLICAS)
+            old = place(load, n, s, MAX_REPLICAS, policy=args.policy)
             before = imbalance(old, load)
             for lost_count in LOSSES:
                 lost = rng.choice(n, lost_count, replace=False)
@@ -93,7 +97,7 @@ def main() -> None:
                 try:
                     times = []
                     for _ in range(repeats):
-                        elapsed, new, plan, rounds = plan_once(old, keep, load)
+                        elapsed, new, plan, rounds = plan_once(old, keep, load, args.policy)
                         times.append(elapsed)
                 except PlacementError as err:
                     print(row + f"{'refused':>8}   {err}")
@@ -109,11 +113,13 @@ def main() -> None:
         "host copy;\norphaned: lost experts with no surviving replica (layer x expert pairs); "
         "imbalance: max/mean device load, before -> after repair (worst layer)"
     )
-    print(
-        "R >= E gives every expert two replicas (no single loss orphans an expert); at R = E that "
-        "leaves\nno slot for load-following replicas, so Zipf(1) load is badly balanced until a "
-        "loss brings R below E."
-    )
+    if args.policy == "survive":
+        print(
+            "R >= E gives every expert two replicas (no single loss orphans an expert); at R = E "
+            "that leaves\nno slot for load-following replicas, so Zipf(1) load is badly balanced "
+            "until a loss brings R below E\n(--policy auto: balance first, at most 2 experts per "
+            "layer to restore; see SCALING.md)."
+        )
 
 
 if __name__ == "__main__":
