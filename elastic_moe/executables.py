@@ -88,6 +88,11 @@ class ExecutableCache:
                 self.hits += 1
             return entry
 
+    @property
+    def size(self) -> int:
+        """Meshes held here: compiled, being compiled, or queued for a standby compile."""
+        return len(self._entries)
+
     def is_warm(self, devices: Sequence[jax.Device]) -> bool:
         entry = self._entries.get(tuple(d.id for d in devices))
         return entry is not None and entry.programs.compiled_count > 0
