@@ -38,8 +38,9 @@ What "auto" promises (checked by tests/test_placement_policy.py):
      the best u). Dealt lone-last with u a multiple of N, the lone experts fill whole rounds,
      each round is still dealt heaviest item to lightest device, and the bound of
      mesh/placement.py holds: max device load <= mean + max w. Otherwise one round mixes both
-     kinds: max - min <= 2 max w. `pack_auto` keeps the lone-last layout unless the other one
-     is better, so both hold.
+     kinds, which can widen the gap once by max w: max device load <= mean + 2 max w.
+     `pack_auto` keeps the lone-last layout unless the other one has a lower max, so the
+     bound holds for what it returns.
   3. No cliff: for fixed N, load and B, w* never grows with S, so neither does the promise
      w* + 0.01 * mean. Going from S to S + 1 (R + N), hi and lo fall by at most N, so u - N is
      allowed for the best u at S, and the N more slots can give its N heaviest lone experts a
