@@ -9,6 +9,7 @@ see tools/hf_fixtures/ARCHITECTURES.md for what each architecture computes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from models.config import ConfigError, ModelConfig
@@ -29,10 +30,50 @@ def _refuse(model_type: str, field: str, value: Any, why: str) -> UnsupportedCon
     return UnsupportedConfigError(f"{model_type}: config.json {field}={value!r}: {why}")
 
 
+_REQUIRED = object()
+
+
+def _int(hf: dict, key: str, default: object = _REQUIRED, *, minimum: int | None = 1) -> int:
+    """config.json's integer `key` (null or absent: `default`); a float like 2.5, a string or
+    a boolean is refused, and so is a value below `minimum` (a size of 0 would divide by 0)."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"missing field {key!r}")
+        return int(default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(hf: dict, key: str, default: float) -> float:
+    """config.json's finite, positive number `key` (null or absent: `default`)."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _object(hf: dict, key: str) -> dict:
+    """config.json's object `key` ({} when null or absent)."""
+    value = hf.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be an object, got {value!r}")
+    return value
+
+
 def _rope_theta(hf: dict, model_type: str) -> float:
     """rope theta from `rope_parameters` (transformers 5) or `rope_theta` (hub); refuses scaling."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
+    params = _object(hf, "rope_parameters")
+    scaling = _object(hf, "rope_scaling")
     for field, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
         kind = spec.get("rope_type", spec.get("type", "default"))
         if kind not in ("default", None):
@@ -42,27 +83,25 @@ def _rope_theta(hf: dict, model_type: str) -> float:
                 kind,
                 "only plain RoPE is implemented (no yarn / linear / dynamic / llama3 scaling)",
             )
-    theta = params.get("rope_theta", hf.get("rope_theta"))
-    if theta is None:
-        theta = _DEFAULT_ROPE_THETA.get(model_type, 10000.0)
-    return float(theta)
+    default = _float(hf, "rope_theta", _DEFAULT_ROPE_THETA.get(model_type, 10000.0))
+    return _float(params, "rope_theta", default)
 
 
 def _sliding_window_in_effect(hf: dict, max_seq_len: int) -> int | None:
     """The window size if a sliding window would mask anything within max_seq_len tokens."""
-    window = hf.get("sliding_window")
     if "use_sliding_window" in hf and not hf["use_sliding_window"]:
         return None
-    if window is None or window <= 0 or window >= max_seq_len:
+    window = _int(hf, "sliding_window", 0, minimum=None)
+    if window <= 0 or window >= max_seq_len:
         return None
-    return int(window)
+    return window
 
 
 def _dtype(hf: dict, override: str | None) -> str:
     if override is not None:
         return override
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    if name not in _DTYPES:
+    if not isinstance(name, str) or name not in _DTYPES:
         raise _refuse(hf["model_type"], "dtype", name, "expected float32, bfloat16 or float16")
     return _DTYPES[name]
 
@@ -98,6 +137,9 @@ def config_from_hf(
     `dtype` / `torch_dtype`.
     Raises UnsupportedConfigError (a ConfigError, a ValueError) naming the offending field.
     """
+    if not isinstance(config_json, dict):
+        kind = "null" if config_json is None else f"a {type(config_json).__name__}"
+        raise ConfigError(f"not a JSON object but {kind}")
     hf = config_json
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -105,11 +147,11 @@ def config_from_hf(
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?")
+        method = _object(hf, "quantization_config").get("quant_method", "?")
         raise _refuse(model_type, "quantization_config.quant_method", method, "quantized weights")
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(model_type, "hidden_act", hf["hidden_act"], "only silu is implemented")
-    positions = int(hf.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN_CAP))
+    positions = _int(hf, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN_CAP)
     seq_len = max_seq_len or min(positions, DEFAULT_MAX_SEQ_LEN_CAP)
     window = _sliding_window_in_effect(hf, seq_len)
     if window is not None:
@@ -120,32 +162,31 @@ def config_from_hf(
             f"a sliding window shorter than max_seq_len ({seq_len}) is not implemented",
         )
 
-    d, nh = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    d, nh = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
     common = dict(
         name=name,
         architecture=model_type,
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=_int(hf, "vocab_size"),
         d_model=d,
-        num_layers=int(hf["num_hidden_layers"]),
+        num_layers=_int(hf, "num_hidden_layers"),
         num_heads=nh,
-        experts_per_token=int(hf["num_experts_per_tok"]),
+        experts_per_token=_int(hf, "num_experts_per_tok"),
         max_seq_len=seq_len,
         rope_theta=_rope_theta(hf, model_type),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_float(hf, "rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=_dtype(hf, dtype),
     )
     if model_type.startswith("deepseek"):
         return _deepseek(hf, model_type, common)
 
-    nkv = int(hf.get("num_key_value_heads") or nh)
-    gqa = dict(common, num_kv_heads=nkv, head_dim=int(hf.get("head_dim") or d // nh))
-    num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+    nkv = _int(hf, "num_key_value_heads", nh)
+    gqa = dict(common, num_kv_heads=nkv, head_dim=_int(hf, "head_dim", d // nh))
     if model_type == "mixtral":
         return ModelConfig(
             **gqa,
-            moe_d_ff=int(hf["intermediate_size"]),
-            num_experts=int(hf["num_local_experts"]),
+            moe_d_ff=_int(hf, "intermediate_size"),
+            num_experts=_int(hf, "num_local_experts"),
             norm_topk_prob=True,
         )
     if model_type == "olmoe":
@@ -155,18 +196,18 @@ def config_from_hf(
             raise _refuse(model_type, "attention_bias", True, "OLMoE attention biases")
         return ModelConfig(
             **gqa,
-            moe_d_ff=int(hf["intermediate_size"]),
-            num_experts=int(num_experts),
+            moe_d_ff=_int(hf, "intermediate_size"),
+            num_experts=_num_experts(hf),
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
             qk_norm="full",
         )
     _check_qwen_all_layers_sparse(hf, model_type)
     if model_type == "qwen2_moe":
-        shared = int(hf.get("shared_expert_intermediate_size") or 0)
+        shared = _int(hf, "shared_expert_intermediate_size", 0, minimum=0)
         return ModelConfig(
             **gqa,
-            moe_d_ff=int(hf["moe_intermediate_size"]),
-            num_experts=int(num_experts),
+            moe_d_ff=_int(hf, "moe_intermediate_size"),
+            num_experts=_num_experts(hf),
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
             # Hub Qwen2-MoE configs lack `qkv_bias`; their checkpoints always have the biases.
             attention_bias=bool(hf.get("qkv_bias", True)),
@@ -179,11 +220,16 @@ def config_from_hf(
         raise _refuse(model_type, "attention_bias", True, "o_proj bias is not implemented")
     return ModelConfig(
         **gqa,
-        moe_d_ff=int(hf["moe_intermediate_size"]),
-        num_experts=int(num_experts),
+        moe_d_ff=_int(hf, "moe_intermediate_size"),
+        num_experts=_num_experts(hf),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         qk_norm="per_head",
     )
+
+
+def _num_experts(hf: dict) -> int:
+    """Qwen and OLMoE name it num_experts; transformers 5 num_local_experts."""
+    return _int(hf, "num_experts" if hf.get("num_experts") is not None else "num_local_experts")
 
 
 def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
@@ -193,8 +239,8 @@ def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
         raise _refuse(model_type, "mlp_bias", True, "MLP biases are not implemented")
     if hf.get("moe_layer_freq", 1) != 1:
         raise _refuse(model_type, "moe_layer_freq", hf["moe_layer_freq"], "must be 1")
-    n_group = int(hf.get("n_group") or 1)
-    topk_group = int(hf.get("topk_group") or 1)
+    n_group = _int(hf, "n_group", 1, minimum=0) or 1  # 0 and null: no groups
+    topk_group = _int(hf, "topk_group", 1, minimum=0) or 1
     if model_type == "deepseek_v2":
         # transformers' DeepseekV2TopkRouter: softmax scores, never renormalised.
         method = hf.get("topk_method", "greedy")
@@ -215,28 +261,28 @@ def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
             router="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)), router_bias=True
         )
         rope_interleave = bool(hf.get("rope_interleave", True))
-    moe_d_ff = int(hf["moe_intermediate_size"])
-    n_shared = int(hf.get("n_shared_experts") or 0)
-    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    moe_d_ff = _int(hf, "moe_intermediate_size")
+    n_shared = _int(hf, "n_shared_experts", 0, minimum=0)
+    first_dense = _int(hf, "first_k_dense_replace", 0, minimum=0)
     return ModelConfig(
         **common,
         num_kv_heads=common["num_heads"],  # MLA expands K/V per head; HF needs nkv == nh
         head_dim=0,
         attention="mla",
-        q_lora_rank=int(hf.get("q_lora_rank") or 0),
-        kv_lora_rank=int(hf["kv_lora_rank"]),
-        qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
-        v_head_dim=int(hf["v_head_dim"]),
+        q_lora_rank=_int(hf, "q_lora_rank", 0, minimum=0),
+        kv_lora_rank=_int(hf, "kv_lora_rank"),
+        qk_nope_head_dim=_int(hf, "qk_nope_head_dim"),
+        qk_rope_head_dim=_int(hf, "qk_rope_head_dim"),
+        v_head_dim=_int(hf, "v_head_dim"),
         rope_interleave=rope_interleave,
         moe_d_ff=moe_d_ff,
-        num_experts=int(hf["n_routed_experts"]),
+        num_experts=_int(hf, "n_routed_experts"),
         num_expert_groups=n_group,
         topk_groups=topk_group,
-        routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
+        routed_scaling_factor=_float(hf, "routed_scaling_factor", 1.0),
         num_shared_experts=n_shared,
         shared_d_ff=moe_d_ff * n_shared,
         first_dense_layers=first_dense,
-        dense_d_ff=int(hf["intermediate_size"]) if first_dense else 0,
+        dense_d_ff=_int(hf, "intermediate_size") if first_dense else 0,
         **router,
     )

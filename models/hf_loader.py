@@ -9,19 +9,23 @@ the fused transformers-5 layout (`experts.gate_up_proj` [E, 2I, H], `experts.dow
 
 Anything surprising is an error (`CheckpointError`) naming the file and the tensor: a tensor we
 need that is missing, a shape that disagrees with config.json, a tensor we would silently drop,
-a truncated or corrupt file. Pickled PyTorch files are never opened.
+a truncated or corrupt file, a NaN or infinite weight, an index that names a shard outside the
+model directory. Every check the headers allow runs before any parameter is allocated, so a
+config.json with sizes the files do not hold fails at once. Pickled PyTorch files are never
+opened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import jax
@@ -299,19 +303,27 @@ def _is_harmless(name: str, cfg: ModelConfig, hf_config: dict) -> bool:
 
 
 # ---- the loader ------------------------------------------------------------------------------
-def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a model directory and, if sharded, the index's weight_map."""
+def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The safetensors files of a model directory and, if sharded, the file of each tensor
+    (the index's weight_map)."""
     index_path = directory / INDEX_FILE
     if index_path.exists():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: corrupt index ({e!r})") from None
-        files = sorted({directory / f for f in weight_map.values()})
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{index_path}: corrupt index (weight_map must map tensor names to file names)"
+            )
+        shards = {name: shard_path(directory, f, index_path) for name, f in weight_map.items()}
+        files = sorted(set(shards.values()))
         for path in files:
             if not path.exists():
                 raise CheckpointError(f"{index_path}: shard {path.name} does not exist")
-        return files, weight_map
+        return files, shards
     files = sorted(directory.glob("*.safetensors"))
     if files:
         return files, None
@@ -326,14 +338,34 @@ def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
     raise CheckpointError(f"{directory}: no *.safetensors files")
 
 
+def shard_path(directory: Path, name: str, index_path: Path) -> Path:
+    """The file a weight_map entry names, refused unless it is a *.safetensors file of the model
+    directory or below: a name like ../../x.safetensors would read a file outside it. (Symlinks
+    inside the directory are followed, as the Hugging Face cache links its snapshots to blobs.)"""
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in name or not relative.parts:
+        raise CheckpointError(
+            f"{index_path}: shard {name!r} is not a file inside the model directory"
+        )
+    if relative.suffix != ".safetensors":
+        raise CheckpointError(f"{index_path}: shard {name!r} is not a .safetensors file")
+    return directory / relative
+
+
 def read_hf_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (not a Hugging Face model directory)") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        kind = "null" if config is None else f"a {type(config).__name__}"
+        raise CheckpointError(f"{path}: not a JSON object but {kind}")
+    return config
 
 
 def _leaf(params: Params, path: tuple) -> np.ndarray:
@@ -343,84 +375,145 @@ def _leaf(params: Params, path: tuple) -> np.ndarray:
     return node
 
 
-class _Filler:
-    """Writes checkpoint tensors into preallocated params and records what has been written."""
+# ---- checking a checkpoint against config.json, from the headers alone -----------------------
+Catalog = dict[str, tuple[Path, TensorInfo]]  # tensor name -> (its file, its header entry)
 
-    def __init__(self, cfg: ModelConfig):
-        shapes = abstract_params(cfg)
-        self.params: Params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
-        self.names, self.alternatives = expected_tensors(cfg)
-        # (leaf, expert or None) -> the checkpoint name that fills it, for "missing" messages.
-        self.pending: dict[tuple, str] = {}
-        for name, s in self.names.items():
-            self.pending[(s.leaf, s.expert)] = name
-        self.filled: set[tuple] = set()
 
-    def _mark(self, file: SafetensorsFile, name: str, leaf: tuple, expert: int | None) -> None:
-        if (leaf, expert) in self.filled:
-            where = "/".join(map(str, leaf)) + ("" if expert is None else f"[{expert}]")
+def read_catalog(files: list[Path], shards: dict[str, Path] | None) -> Catalog:
+    """Every tensor the files declare, from their headers, checked against the index's
+    `shards` (tensor name -> its file) when there is one."""
+    listed: dict[Path, list[str]] = {}
+    for name, path in (shards or {}).items():
+        listed.setdefault(path, []).append(name)
+    catalog: Catalog = {}
+    for path in files:
+        tensors = read_header(path)
+        if shards is not None:
+            for name in tensors:
+                if shards.get(name) != path:
+                    raise CheckpointError(
+                        f"{path}: tensor {name} is not listed for this shard in {INDEX_FILE}"
+                    )
+            for name in listed.get(path, []):
+                if name not in tensors:
+                    raise CheckpointError(
+                        f"{path}: missing tensor {name} ({INDEX_FILE} says it is in this shard)"
+                    )
+        for name, info in tensors.items():
+            if name in catalog:
+                raise CheckpointError(f"{path}: tensor {name} is also in {catalog[name][0]}")
+            catalog[name] = (path, info)
+    return catalog
+
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.(\d+)\.")
+_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+def check_sizes(cfg: ModelConfig, catalog: Catalog, config_path: Path) -> None:
+    """Refuses a config.json with more layers or experts than the files hold, before anything
+    is built for them: the work of planning a load grows with both (10^6 layers once hung it)."""
+    layers = {int(m.group(1)) for name in catalog if (m := _LAYER.match(name))}
+    if cfg.num_layers > len(layers):
+        raise CheckpointError(
+            f"{config_path}: num_hidden_layers is {cfg.num_layers}, but the safetensors files "
+            f"hold tensors of {len(layers)} layers"
+        )
+    per_layer: dict[int, set[int]] = {}
+    for name in catalog:
+        if m := _EXPERT.match(name):
+            per_layer.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    held = max((len(experts) for experts in per_layer.values()), default=0)
+    for name, (_, info) in catalog.items():
+        if _FUSED.search(name) and info.shape and info.end > info.start:  # [E, ...], not empty
+            held = max(held, info.shape[0])
+    if cfg.num_experts > held:
+        raise CheckpointError(
+            f"{config_path}: {cfg.num_experts} routed experts per layer, but the safetensors "
+            f"files hold at most {held}"
+        )
+
+
+def _targets(source: Source) -> list[tuple[tuple, int | None]]:
+    """The (params leaf, expert or None) slots a checkpoint tensor fills."""
+    if source.kind == "whole":
+        return [(source.leaf, None)]
+    if source.kind == "expert":
+        return [(source.leaf, source.expert)]
+    weights = ("w_gate", "w_up") if source.kind == "fused_gate_up" else ("w_down",)
+    return [(source.leaf + (w,), e) for e in range(source.shape[0]) for w in weights]
+
+
+def plan_load(
+    cfg: ModelConfig, catalog: Catalog, hf_config: dict, missing_where: Path
+) -> list[tuple[Path, str, Source]]:
+    """(file, tensor, where it goes) for every tensor to read, in file order; CheckpointError
+    for a tensor we would drop, a shape or dtype config.json does not imply, a slot filled
+    twice, or a tensor missing (named after `missing_where`). Reads no tensor data."""
+    names, alternatives = expected_tensors(cfg)
+    pending = {(s.leaf, s.expert): name for name, s in names.items()}
+    filled: set[tuple] = set()
+    plan = []
+    for name, (path, info) in catalog.items():
+        source = names.get(name) or alternatives.get(name)
+        if source is None:
+            if _is_harmless(name, cfg, hf_config):
+                continue
             raise CheckpointError(
-                f"{file.path}: tensor {name} fills {where}, which another tensor already filled"
+                f"{path}: unexpected tensor {name} (not part of a {cfg.architecture} "
+                "model with this config.json; refusing to ignore it)"
             )
-        self.filled.add((leaf, expert))
-        self.pending.pop((leaf, expert), None)
-
-    def fill(self, file: SafetensorsFile, name: str, source: Source) -> None:
-        info = file.tensors[name]
         if info.shape != source.shape:
             raise CheckpointError(
-                f"{file.path}: tensor {name} has shape {list(info.shape)}, but config.json "
+                f"{path}: tensor {name} has shape {list(info.shape)}, but config.json "
                 f"implies {list(source.shape)}"
             )
         if SAFETENSORS_DTYPES.get(info.dtype) is None:
             raise CheckpointError(
-                f"{file.path}: tensor {name}: dtype {info.dtype} is not a supported float type"
+                f"{path}: tensor {name}: dtype {info.dtype} is not a supported float type"
             )
-        if source.kind == "whole":
-            array = file.read(name)
-            _leaf(self.params, source.leaf)[...] = array.T if source.transpose else array
-            self._mark(file, name, source.leaf, None)
-        elif source.kind == "expert":
-            _leaf(self.params, source.leaf)[source.expert] = file.read(name).T
-            self._mark(file, name, source.leaf, source.expert)
-        elif source.kind == "fused_gate_up":
-            w_gate = _leaf(self.params, source.leaf + ("w_gate",))
-            w_up = _leaf(self.params, source.leaf + ("w_up",))
-            f = w_gate.shape[-1]
-            for e in range(source.shape[0]):
-                both = file.read(name, e)  # [2I, H]: gate rows, then up rows
-                w_gate[e], w_up[e] = both[:f].T, both[f:].T
-                self._mark(file, name, source.leaf + ("w_gate",), e)
-                self._mark(file, name, source.leaf + ("w_up",), e)
-        else:  # fused_down
-            w_down = _leaf(self.params, source.leaf + ("w_down",))
-            for e in range(source.shape[0]):
-                w_down[e] = file.read(name, e).T
-                self._mark(file, name, source.leaf + ("w_down",), e)
-
-    def missing(self) -> list[str]:
-        return sorted(self.pending.values())
+        for leaf, expert in _targets(source):
+            if (leaf, expert) in filled:
+                where = "/".join(map(str, leaf)) + ("" if expert is None else f"[{expert}]")
+                raise CheckpointError(
+                    f"{path}: tensor {name} fills {where}, which another tensor already filled"
+                )
+            filled.add((leaf, expert))
+            pending.pop((leaf, expert), None)
+        plan.append((path, name, source))
+    if pending:
+        missing = sorted(pending.values())
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{missing_where}: missing tensor {missing[0]}{more}")
+    return plan
 
 
-def _iter_tensors(
-    files: list[Path], weight_map: dict[str, str] | None
-) -> Iterator[tuple[SafetensorsFile, str]]:
-    for path in files:
-        file = SafetensorsFile(path)
-        if weight_map is not None:
-            for name in file.tensors:
-                if weight_map.get(name) != path.name:
-                    raise CheckpointError(
-                        f"{path}: tensor {name} is not listed for this shard in {INDEX_FILE}"
-                    )
-            for name, shard in weight_map.items():
-                if shard == path.name and name not in file.tensors:
-                    raise CheckpointError(
-                        f"{path}: missing tensor {name} ({INDEX_FILE} says it is in this shard)"
-                    )
-        for name in file.tensors:
-            yield file, name
-        file.close()
+# ---- reading the tensors into place -----------------------------------------------------------
+def _finite(file: SafetensorsFile, name: str, array: np.ndarray) -> np.ndarray:
+    """A NaN or Inf weight would make every output NaN, silently: refused by name."""
+    if not np.isfinite(array).all():
+        raise CheckpointError(f"{file.path}: tensor {name} holds NaN or infinite values")
+    return array
+
+
+def _fill(params: Params, file: SafetensorsFile, name: str, source: Source) -> None:
+    """Reads one planned tensor into its place in the preallocated params."""
+    if source.kind == "whole":
+        array = _finite(file, name, file.read(name))
+        _leaf(params, source.leaf)[...] = array.T if source.transpose else array
+    elif source.kind == "expert":
+        _leaf(params, source.leaf)[source.expert] = _finite(file, name, file.read(name)).T
+    elif source.kind == "fused_gate_up":
+        w_gate = _leaf(params, source.leaf + ("w_gate",))
+        w_up = _leaf(params, source.leaf + ("w_up",))
+        f = w_gate.shape[-1]
+        for e in range(source.shape[0]):
+            both = _finite(file, name, file.read(name, e))  # [2I, H]: gate rows, then up rows
+            w_gate[e], w_up[e] = both[:f].T, both[f:].T
+    else:  # fused_down
+        w_down = _leaf(params, source.leaf + ("w_down",))
+        for e in range(source.shape[0]):
+            w_down[e] = _finite(file, name, file.read(name, e)).T
 
 
 def load_hf(
@@ -435,42 +528,41 @@ def load_hf(
     dtype: parameter dtype (default: the config's); max_seq_len: KV cache length (default:
     max_position_embeddings, capped). Returns the config and the logical params (host numpy,
     shapes of `abstract_params(cfg)`). Raises CheckpointError naming file and tensor.
+    Every check that needs no tensor data (names, shapes, dtypes, sizes in config.json) runs
+    before any parameter is allocated.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     hf_config = read_hf_config(directory)
+    config_path = directory / "config.json"
     try:
         cfg = config_from_hf(
             hf_config, directory.resolve().name, max_seq_len=max_seq_len, dtype=dtype
         )
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-        raise CheckpointError(f"{directory / 'config.json'}: {detail}") from None
-    files, weight_map = checkpoint_files(directory)
-    filler = _Filler(cfg)
+        raise CheckpointError(f"{config_path}: {detail}") from None
+    files, shards = checkpoint_files(directory)
+    catalog = read_catalog(files, shards)
+    check_sizes(cfg, catalog, config_path)
+    if shards is not None:
+        missing_where = directory / INDEX_FILE
+    else:
+        missing_where = files[0] if len(files) == 1 else directory
+    plan = plan_load(cfg, catalog, hf_config, missing_where)
+
+    params: Params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract_params(cfg))
     total = sum(p.stat().st_size for p in files)
     with _bytes_progress(progress, total, directory.name) as advance:
-        for file, name in _iter_tensors(files, weight_map):
-            source = filler.names.get(name) or filler.alternatives.get(name)
-            if source is not None:
-                filler.fill(file, name, source)
-            elif not _is_harmless(name, cfg, hf_config):
-                raise CheckpointError(
-                    f"{file.path}: unexpected tensor {name} (not part of a {cfg.architecture} "
-                    "model with this config.json; refusing to ignore it)"
-                )
-            info = file.tensors[name]
-            advance(info.end - info.start)
-    missing = filler.missing()
-    if missing:
-        if weight_map is not None:
-            where = directory / INDEX_FILE
-        else:
-            where = files[0] if len(files) == 1 else directory
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{where}: missing tensor {missing[0]}{more}")
-    return cfg, filler.params
+        for path, tensors in itertools.groupby(plan, key=lambda item: item[0]):
+            file = SafetensorsFile(path)
+            for _, name, source in tensors:
+                _fill(params, file, name, source)
+                info = file.tensors[name]
+                advance(info.end - info.start)
+            file.close()
+    return cfg, params
 
 
 @contextlib.contextmanager

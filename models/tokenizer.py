@@ -78,11 +78,20 @@ class ByteTokenizer:
 def load_tokenizer(directory: str | os.PathLike | None, vocab_size: int) -> Tokenizer:
     """The directory's tokenizer.json if it has one, else a byte tokenizer.
 
-    vocab_size is the model's; a tokenizer.json with more ids than the model is refused.
+    vocab_size is the model's; a tokenizer.json with more ids than the model, or one that does
+    not parse, is refused with a ValueError naming the file.
     """
     path = None if directory is None else Path(directory) / TOKENIZER_FILE
     if path is not None and path.exists():
-        tokenizer = HFTokenizer.from_file(path)
+        try:
+            tokenizer = HFTokenizer.from_file(path)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
+        except Exception as error:  # the tokenizers library raises its own Exception types
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise ValueError(
+                f"{path}: not a tokenizer the tokenizers library reads ({reason})"
+            ) from None
         if tokenizer.vocab_size > vocab_size:
             raise ValueError(
                 f"{path}: {tokenizer.vocab_size} token ids, but the model's vocab_size is "
