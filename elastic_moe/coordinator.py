@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from elastic_moe.engine import Engine
+from elastic_moe.mesh_change import MeshChange
 from elastic_moe.reconfiguration import (
     DeviceState,
     DeviceStatus,
@@ -29,7 +30,9 @@ from elastic_moe.reconfiguration import (
     ReconfigurationRefused,
     UnknownDevice,
 )
+from mesh.move_budget import repair_in_steps, restore_orphans
 from mesh.placement import PlacementError, repair, survivors_only
+from mesh.placement_policy import placement_figures
 from mesh.transfer_plan import TransferPlan, plan_transfers
 
 
@@ -53,7 +56,6 @@ class Coordinator:
         self.states: dict[int, DeviceState] = {i: DeviceState.HEALTHY for i in self.pool}
         self.history: list[Reconfiguration] = []
         self._ops: dict[str, Reconfiguration] = {}
-        self.draining = False
         if standby:
             self.warm_standby()
 
@@ -129,16 +131,30 @@ class Coordinator:
             self.states[i] = DeviceState.HEALTHY
         return self._remember(op_id, ("rejoin", joining), result)
 
-    def rebalance(self, *, op_id: str = "") -> Reconfiguration:
-        """A new placement from the expert load the router observed, moved online."""
-        if (repeat := self._repeat(op_id, "rebalance", [])) is not None:
+    def rebalance(self, *, op_id: str = "", max_copies: int = 0) -> Reconfiguration:
+        """A new placement from the expert load the router observed, moved online.
+
+        max_copies > 0: only the most useful step of at most that many expert copies toward
+        it (mesh.move_budget.repair_in_steps: lone experts' second replicas first, then the
+        moves that cut the max device load most), so a large repair can be spread over time
+        with a small pause each; call again for the next step. The observed load is kept
+        until the placement reaches its target."""
+        if max_copies < 0:
+            raise ValueError(f"max_copies must be >= 0, got {max_copies}")
+        if (repeat := self._repeat(op_id, "rebalance", [max_copies])) is not None:
             return repeat
         current = [d.id for d in self.engine.mesh.devices]
+        cause = "rebalance" + (f" (at most {max_copies} copies)" if max_copies else "")
         result = self._reconfigure(
-            current, ReconfigurationKind.REBALANCE, "rebalance", load=self.observed_load()
+            current,
+            ReconfigurationKind.REBALANCE,
+            cause,
+            load=self.observed_load(),
+            max_copies=max_copies,
         )
-        self.engine.expert_load[:] = 0
-        return self._remember(op_id, ("rebalance", []), result)
+        if not result.steps_left:
+            self.engine.expert_load[:] = 0
+        return self._remember(op_id, ("rebalance", [max_copies]), result)
 
     # ---- the transaction ----------------------------------------------------------------
     def _reconfigure(
@@ -150,30 +166,50 @@ class Coordinator:
         detect_ms: float = 0.0,
         load: np.ndarray | None = None,
         fast_path: bool = False,
+        max_copies: int = 0,
     ) -> Reconfiguration:
-        """fast_path: keep the survivors' slots as they are when they still hold every expert
-        (no copy on the critical path of a failure; a rebalance restores redundancy later)."""
+        """fast_path: leave the survivors' slots as they are when they still hold every expert
+        (no copy on the critical path of a failure; a rebalance restores redundancy later);
+        under the auto and balance policies, restore only the experts that lost every replica.
+        max_copies (a rebalance): go only one budgeted step toward the new placement."""
         engine = self.engine
         old = engine.mesh
         started = time.perf_counter()
         old_ids = [d.id for d in old.devices]
-        keep = [old_ids.index(i) if i in old_ids else None for i in new_ids]
+        old_positions = [old_ids.index(i) if i in old_ids else None for i in new_ids]
         lost_positions = [p for p, i in enumerate(old_ids) if i not in new_ids]
         max_replicas = old.geometry.max_replicas
+        policy = engine.options.placement
+        budget = engine.options.restore_budget
         if load is None:
             load = np.maximum(self.observed_load(), 1e-3)
+        steps_left = 0
         try:
             placement = None
             if fast_path:
-                placement = survivors_only(old.placement, keep, max_replicas)
+                placement = survivors_only(old.placement, old_positions, max_replicas)
+                if placement is None and policy != "survive":
+                    # Only the orphans come back (from the host); a rebalance does the rest.
+                    placement = restore_orphans(old.placement, old_positions, load, max_replicas)
             if placement is None:
-                placement = repair(old.placement, keep, load, max_replicas)
+                placement = repair(
+                    old.placement,
+                    old_positions,
+                    load,
+                    max_replicas,
+                    policy=policy,
+                    restore_budget=budget,
+                )
+            if max_copies:
+                steps = repair_in_steps(old.placement, placement, load, max_copies)
+                placement = steps[0] if steps else old.placement
+                steps_left = max(0, len(steps) - 1)
         except PlacementError as e:
             raise ReconfigurationRefused(
                 f"{cause} refused: {len(new_ids)} devices x {old.geometry.expert_slots_per_device}"
                 f" slots cannot hold all {engine.cfg.num_experts} experts ({e}); nothing changed"
             ) from None
-        plan = plan_transfers(old.placement, placement, keep)
+        plan = plan_transfers(old.placement, placement, old_positions)
         plan_ms = 1000 * (time.perf_counter() - started)
         result = Reconfiguration(
             from_epoch=old.epoch,
@@ -185,36 +221,31 @@ class Coordinator:
             experts_copied=plan.experts_copied,
             experts_restored_from_host=plan.experts_from_host,
             dry_run=dry_run,
+            steps_left=steps_left,
         )
-        new_devices = [self.pool[i] for i in new_ids]
-        result.standby_hit = engine.executables.is_warm(new_devices)
+        change = MeshChange(
+            devices=[self.pool[i] for i in new_ids],
+            old_positions=old_positions,
+            lost_positions=lost_positions,
+            placement=placement,
+            transfers=plan,
+        )
+        result.standby_hit = engine.programs_ready(change.devices)
         if dry_run:
             result.requests_reprefilled = sum(engine.active_on_device(p) for p in lost_positions)
             s = old.geometry.expert_slots_per_device
             result.slots_lost = len(lost_positions) * s * placement.num_layers
             result.moves = _moves(plan, placement.phy2log, new_ids, s)
             return result
-        if self.poison_lost and lost_positions:
-            # Part of simulating the loss, not of recovering from it: kept out of the pause.
-            poison_started = time.perf_counter()
-            old.poison(lost_positions)
-            started += time.perf_counter() - poison_started
-        new_mesh, stats = old.moved_to(
-            new_devices,
-            keep,
-            placement,
-            plan,
-            engine.host_params,
-            engine.executables,
-            engine.expert_source,
-            engine.expert_checksums,
-        )
-        result.transfer_ms, result.compile_ms = stats.transfer_ms, stats.compile_ms
-        result.slots_verified = stats.integrity.slots_checked
-        result.slots_repaired = stats.integrity.slots_repaired
-        result.verify_ms = stats.integrity.verify_ms
-        result.requests_reprefilled = engine.switch_mesh(new_mesh, keep)
-        result.pause_ms = detect_ms + 1000 * (time.perf_counter() - started)
+        applied = engine.apply(change, poison_lost=self.poison_lost)
+        result.transfer_ms, result.compile_ms = applied.transfer_ms, applied.compile_ms
+        result.slots_verified = applied.integrity.slots_checked
+        result.slots_repaired = applied.integrity.slots_repaired
+        result.verify_ms = applied.integrity.verify_ms
+        result.requests_reprefilled = applied.requests_reprefilled
+        # The poisoning simulates the loss itself; it is not part of the recovery's pause.
+        elapsed_ms = 1000 * (time.perf_counter() - started) - applied.poison_ms
+        result.pause_ms = detect_ms + elapsed_ms
         self.history.append(result)
         if self.standby:
             if self._standby_timer is not None:
@@ -277,9 +308,7 @@ class Coordinator:
     def verify(self, *, repair: bool = True) -> IntegrityReport:
         """Checks every expert slot of the serving mesh against its expert's checksum, on the
         devices; with `repair`, rewrites each wrong slot from the host copy (or checkpoint)."""
-        engine = self.engine
-        source = engine.expert_source if repair else None
-        return engine.mesh.verify_experts(engine.expert_checksums, source=source)
+        return self.engine.verify_experts(repair=repair)
 
     # ---- reporting ----------------------------------------------------------------------
     def observed_load(self) -> np.ndarray:
@@ -313,12 +342,12 @@ class Coordinator:
                 )
             )
         min_live = int(placement.replica_count.min())
-        if self.draining:
-            state = MeshState.DRAINING
-        elif min_live < 2:
-            state = MeshState.DEGRADED
-        else:
-            state = MeshState.SERVING
+        figures = placement_figures(placement, self.observed_load())
+        worst_restore = int(figures.worst_restore.max())
+        # Degraded: one more loss would restore more experts from the host than the
+        # placement policy allows (every expert lost with its only replica is a host restore).
+        budget = engine.options.restore_budget if engine.options.placement != "survive" else 0
+        state = MeshState.DEGRADED if worst_restore > budget else MeshState.SERVING
         return MeshStatus(
             epoch=mesh.epoch,
             state=state,
@@ -326,6 +355,9 @@ class Coordinator:
             num_logical_experts=engine.cfg.num_experts,
             num_physical_slots=placement.num_slots,
             min_live_replicas=min_live,
+            placement_policy=engine.options.placement,
+            max_device_load=float(figures.imbalance.max()),
+            worst_single_loss_restore=worst_restore,
             active_requests=len(engine.running),
             queued_requests=len(engine.waiting),
             last=self.history[-1] if self.history else None,

@@ -26,9 +26,12 @@ import numpy as np
 from elastic_moe.executables import ExecutableCache
 from elastic_moe.expert_checksums import ExpertChecksums
 from elastic_moe.expert_source import ExpertSource, without_host_experts
+from elastic_moe.mesh_change import AppliedChange, MeshChange
+from elastic_moe.reconfiguration import IntegrityReport
 from elastic_moe.requests import FinishReason, Journal, Request, RequestError, SamplingParams
 from elastic_moe.serving_mesh import ServingMesh, expert_slots_per_device
 from elastic_moe.steps import Sampling, StepGeometry
+from mesh.placement_policy import POLICIES as PLACEMENT_POLICIES
 from models.config import ModelConfig
 from models.params import Params
 
@@ -53,6 +56,12 @@ class EngineOptions:
     # expert's weights once and redundancy costs no bandwidth; "spread": tokens are spread
     # over all replicas (balances compute in large prefill batches, reads every replica).
     replica_routing: str = "primary"
+    # Where expert replicas go (mesh/placement_policy.py): "auto" balances load first while no
+    # single device loss leaves more than `restore_budget` experts per layer to restore from
+    # the host; "survive" gives every expert a second replica first (zero-copy single loss,
+    # but no slot left to follow load at R = E); "balance" is pure EPLB.
+    placement: str = "auto"
+    restore_budget: int = 2
     # Keep a host copy of every expert (restores are host-to-device). Without it, an expert
     # whose replicas all died is read back from `expert_checkpoint` (an orbax checkpoint
     # written by elastic_moe.checkpoint.save_checkpoint).
@@ -69,6 +78,12 @@ class EngineOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.host_expert_copy and not self.expert_checkpoint:
             raise ValueError("host_expert_copy=False needs an expert_checkpoint to restore from")
+        if self.placement not in PLACEMENT_POLICIES:
+            raise ValueError(
+                f"placement must be one of {PLACEMENT_POLICIES}, got {self.placement!r}"
+            )
+        if self.restore_budget < 0:
+            raise ValueError(f"restore_budget must be >= 0, got {self.restore_budget}")
         if self.redundant_experts < 0:
             raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
 
@@ -106,7 +121,15 @@ class Engine:
             )
 
         self.executables = ExecutableCache(cfg, geometry_for)
-        self.mesh = ServingMesh.create(cfg, host_params, devices, options, self.executables)
+        self.mesh = ServingMesh.create(
+            cfg,
+            host_params,
+            devices,
+            self.executables,
+            replica_routing=options.replica_routing,
+            placement_policy=options.placement,
+            restore_budget=options.restore_budget,
+        )
         # What every slot a reconfiguration writes must match, taken on the devices now.
         self.expert_checksums = ExpertChecksums.from_deployment(
             self.mesh.placement, self.mesh.slot_checksums()
@@ -211,15 +234,54 @@ class Engine:
             self.step()
         return requests
 
-    def switch_mesh(self, new_mesh: ServingMesh, keep: Sequence[int | None]) -> int:
-        """Moves serving onto `new_mesh` (new position j was old position keep[j]).
+    # ---- reconfiguration (planned by the coordinator) -----------------------------------
+    def apply(self, change: MeshChange, *, poison_lost: bool = True) -> AppliedChange:
+        """Moves serving onto the planned mesh, between two steps.
+
+        poison_lost: first overwrite what the lost devices held with NaN (the simulation of the
+        loss: any later read of it changes an output). Then the survivors' buffers are reused
+        in place, experts are copied or restored as planned and every written slot is checked
+        against its expert's checksum, and the lost devices' requests are requeued.
+        """
+        applied = AppliedChange()
+        if poison_lost and change.lost_positions:
+            started = time.perf_counter()
+            self.mesh.poison(change.lost_positions)
+            applied.poison_ms = 1000 * (time.perf_counter() - started)
+        new_mesh, stats = self.mesh.moved_to(
+            change.devices,
+            change.old_positions,
+            change.placement,
+            change.transfers,
+            self.host_params,
+            self.executables,
+            self.expert_source,
+            self.expert_checksums,
+        )
+        applied.transfer_ms, applied.compile_ms = stats.transfer_ms, stats.compile_ms
+        applied.integrity = stats.integrity
+        applied.requests_reprefilled = self._switch_mesh(new_mesh, change.old_positions)
+        return applied
+
+    def verify_experts(self, *, repair: bool = True) -> IntegrityReport:
+        """Checks every expert slot against its expert's checksum, on the devices; with
+        `repair`, each wrong slot is rewritten from the host copy (or the checkpoint)."""
+        source = self.expert_source if repair else None
+        return self.mesh.verify_experts(self.expert_checksums, source=source)
+
+    def programs_ready(self, devices: Sequence[jax.Device]) -> bool:
+        """Whether the programs of a mesh over `devices` are compiled already (standby)."""
+        return self.executables.is_warm(devices)
+
+    def _switch_mesh(self, new_mesh: ServingMesh, old_positions: Sequence[int | None]) -> int:
+        """Moves serving onto `new_mesh` (new position j was old position old_positions[j]).
 
         Requests on kept devices keep their slot and KV cache; those on lost devices go to the
         front of the queue to be re-prefilled from the journal. Returns how many were requeued.
         """
         per = self.options.request_slots_per_device
-        owners: list[str | None] = [None] * (len(keep) * per)
-        for j, old in enumerate(keep):
+        owners: list[str | None] = [None] * (len(old_positions) * per)
+        for j, old in enumerate(old_positions):
             if old is not None:
                 owners[j * per : (j + 1) * per] = self.slot_owner[old * per : (old + 1) * per]
         kept = {o for o in owners if o is not None}

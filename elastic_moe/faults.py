@@ -103,8 +103,10 @@ class FaultInjector:
             raise DeviceFailure(broken)
 
 
-def probe_device(device: jax.Device, timeout_s: float, injector: FaultInjector | None) -> bool:
-    """True when the device runs a tiny computation within `timeout_s`."""
+def probe_device(
+    device: jax.Device, timeout_s: float | None, injector: FaultInjector | None
+) -> bool:
+    """True when the device runs a tiny computation within `timeout_s` (None: no limit)."""
     if injector is not None and injector.is_broken(device.id):
         return False
 
@@ -132,6 +134,13 @@ class GuardedStepper:
     step_retries: int = 1
     detections: list[Reconfiguration] = field(default_factory=list)
     failed_steps: int = 0  # consecutive steps that failed with no device to blame
+
+    def __post_init__(self) -> None:
+        # The probe's tiny program compiles on its first run per device: do that now, so a
+        # probe's timeout measures the device, not the compiler (a busy host's compile can
+        # take longer than the timeout and fail a healthy device).
+        for device in self.coordinator.pool.values():
+            probe_device(device, timeout_s=None, injector=None)
 
     def step(self) -> list[TokenEvent]:
         """One engine step; raises StepFailed (requests ended) or, when the survivors cannot

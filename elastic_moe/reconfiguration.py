@@ -15,7 +15,7 @@ class DeviceState(enum.Enum):
 class MeshState(enum.Enum):
     SERVING = "serving"
     RECONFIGURING = "reconfiguring"
-    DEGRADED = "degraded"  # serving, but some expert has no spare replica left
+    DEGRADED = "degraded"  # serving, but one more loss would restore more than the policy allows
     DRAINING = "draining"
     STOPPED = "stopped"  # the runtime stopped: it cannot serve every expert, or its steps fail
 
@@ -69,6 +69,7 @@ class Reconfiguration:
     slots_verified: int = 0
     slots_repaired: int = 0
     verify_ms: float = 0.0
+    steps_left: int = 0  # a budgeted rebalance: steps still to go to its target
     # Dry runs only: the plan (slots the lost devices held, then every move it would make).
     slots_lost: int = 0
     moves: list[ExpertMove] = field(default_factory=list)
@@ -122,3 +123,6 @@ class MeshStatus:
     active_requests: int
     queued_requests: int
     last: Reconfiguration | None
+    placement_policy: str = "auto"
+    max_device_load: float = 1.0  # max / mean device load by the router's observed load
+    worst_single_loss_restore: int = 0  # experts per layer one device loss leaves orphaned

@@ -80,8 +80,9 @@ class Runtime:
         self._lock = threading.Condition()
         self._inbox: collections.deque[Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
-        self._listeners: dict[str, Listener] = {}
-        self._requests: dict[str, Request] = {}
+        # Every request accepted and not finished: its listener and the request itself (the
+        # engine's journal drops a request when it finishes; its Finished still needs it).
+        self._live: dict[str, tuple[Listener, Request]] = {}
         self._queued_tokens: dict[str, int] = {}  # accepted, no token or Finished yet
         self.failure: BaseException | None = None  # why the loop stopped, if it did
         self._watchers: list[Callable[[MeshStatus], None]] = []
@@ -121,7 +122,7 @@ class Runtime:
             self._raise_if_stopped()
             if self.draining:
                 raise Draining("the server is draining and accepts no new requests")
-            if request.request_id in self._listeners:
+            if request.request_id in self._live:
                 raise RequestError(f"request_id {request.request_id!r} is already running")
             # Counted here, not from the engine's queue: that belongs to the loop thread.
             queued = len(self._queued_tokens)
@@ -130,8 +131,7 @@ class Runtime:
             tokens = sum(self._queued_tokens.values())
             if tokens + len(request.prompt) > self.max_queued_tokens:
                 raise QueueFull(f"admission queue full ({tokens} prompt tokens waiting)")
-            self._listeners[request.request_id] = listener
-            self._requests[request.request_id] = request
+            self._live[request.request_id] = (listener, request)
             self._queued_tokens[request.request_id] = len(request.prompt)
             self._inbox.append(request)
             self._lock.notify_all()
@@ -181,6 +181,8 @@ class Runtime:
     def _status_now(self) -> MeshStatus:
         status = self.coordinator.status()
         status.queued_requests += len(self._inbox)
+        if self.draining and status.state is not MeshState.STOPPED:
+            status.state = MeshState.DRAINING
         return status
 
     def watch(self, watcher: Callable[[MeshStatus], None]) -> Callable[[], None]:
@@ -213,27 +215,29 @@ class Runtime:
         """Simulates hardware faults: the next step fails and detection takes over."""
         self.injector.break_devices(device_ids)
 
+    def stop_admission(self) -> None:
+        """New requests are refused from now on (Draining); watchers see MeshState.DRAINING.
+        `draining` is the one flag that says so (status and readiness read it)."""
+        with self._lock:
+            already, self.draining = self.draining, True
+        if not already:
+            self.call(self._notify_watchers)  # on the loop thread, like every status
+
     def drain(self, timeout_s: float) -> tuple[int, int]:
         """Stops admission, lets running requests finish for up to timeout_s, aborts the rest.
 
         Returns (completed, aborted)."""
+        self.stop_admission()
         with self._lock:
-            self.draining = True
-            live = set(self._listeners)
-
-        def mark_draining() -> None:
-            self.coordinator.draining = True
-            self._notify_watchers()
-
-        self.call(mark_draining)  # the coordinator belongs to the loop thread
+            live = set(self._live)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
-                if not (live & set(self._listeners)):
+                if not (live & set(self._live)):
                     break
             time.sleep(0.01)
         with self._lock:
-            left = list(live & set(self._listeners))
+            left = list(live & set(self._live))
         aborted = self.abort(left).result() if left else 0
         return len(live) - aborted, aborted
 
@@ -268,13 +272,13 @@ class Runtime:
     def _emit(self, event: TokenEvent | Finished) -> None:
         with self._lock:
             self._queued_tokens.pop(event.request_id, None)  # it has left the queue
-        listener = self._listeners.get(event.request_id)
-        if listener is None:
+        entry = self._live.get(event.request_id)
+        if entry is None:
             return
+        listener = entry[0]
         if isinstance(event, Finished):
             with self._lock:
-                self._listeners.pop(event.request_id, None)
-                self._requests.pop(event.request_id, None)
+                self._live.pop(event.request_id, None)
         try:
             listener(event)
         except Exception:  # a broken listener must not stop serving
@@ -355,7 +359,7 @@ class Runtime:
         for event in events:
             self._emit(event)
             if event.finish_reason is not None:
-                request = self._requests.get(event.request_id)
+                request = self._live.get(event.request_id, (None, None))[1]
                 if request is not None:
                     self._emit(Finished(request))
         if self.engine.mesh.epoch != before or len(self.stepper.detections) != detections:

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,9 +37,6 @@ from models.params import (
     path_keys,
 )
 
-if TYPE_CHECKING:
-    from elastic_moe.engine import EngineOptions
-
 log = logging.getLogger("elastic_moe.integrity")
 
 
@@ -62,7 +59,7 @@ class MoveStats:
 class ServingMesh:
     cfg: ModelConfig
     devices: list[jax.Device]
-    executables: MeshExecutables
+    compiled: MeshExecutables  # this mesh's programs (from the engine's ExecutableCache)
     geometry: StepGeometry
     params: Params
     cache: list
@@ -80,17 +77,25 @@ class ServingMesh:
         cfg: ModelConfig,
         host_params: Params,
         devices: Sequence[jax.Device],
-        options: EngineOptions,
-        executables: ExecutableCache,
+        programs_cache: ExecutableCache,
+        *,
+        replica_routing: str = "primary",
+        placement_policy: str = "auto",
+        restore_budget: int = 2,
         load: np.ndarray | None = None,
     ) -> ServingMesh:
         devices = list(devices)
-        entry = executables.get(devices)
+        entry = programs_cache.get(devices)
         geometry = entry.programs.geometry
         if load is None:
             load = np.ones((cfg.num_moe_layers, cfg.num_experts))
         placement = place(
-            load, len(devices), geometry.expert_slots_per_device, geometry.max_replicas
+            load,
+            len(devices),
+            geometry.expert_slots_per_device,
+            geometry.max_replicas,
+            policy=placement_policy,
+            restore_budget=restore_budget,
         )
         programs = entry.programs
         params = place_params(cfg, host_params, placement.phy2log, programs.param_shardings)
@@ -102,13 +107,13 @@ class ServingMesh:
             params,
             programs.empty_cache(),
             placement,
-            replica_routing=options.replica_routing,
+            replica_routing=replica_routing,
         )
 
     # ---- running the programs ---------------------------------------------------------
     @property
     def programs(self):
-        return self.executables.programs
+        return self.compiled.programs
 
     def _upload_tables(self) -> None:
         replicated = self.programs.replicated
@@ -164,7 +169,7 @@ class ServingMesh:
         new_placement: Placement,
         plan: TransferPlan,
         host_params: Params,
-        executables: ExecutableCache,
+        programs_cache: ExecutableCache,
         source: ExpertSource,
         checksums: ExpertChecksums,
     ) -> tuple[ServingMesh, MoveStats]:
@@ -174,7 +179,7 @@ class ServingMesh:
         state is returned; a wrong one is rewritten from `source` (stats.integrity says so)."""
         stats = MoveStats()
         t0 = time.perf_counter()
-        entry = executables.get(list(new_devices))
+        entry = programs_cache.get(list(new_devices))
         if entry.programs.compiled_count == 0:
             entry.programs.compile_decode()
         stats.compile_ms = 1000 * (time.perf_counter() - t0)
@@ -270,7 +275,7 @@ class ServingMesh:
                 )
             if source is None or not bad.any():
                 continue
-            arrays = _write_from_source(arrays, bad, j, source, self.executables, s, phy2log)
+            arrays = _write_from_source(arrays, bad, j, source, self.compiled, s, phy2log)
             again = self._slot_checksums(arrays, bad)
             if (bad & (again != checksums.expected(j, phy2log[j])).any(axis=1)).any():
                 raise ExpertIntegrityError(
@@ -302,7 +307,7 @@ class ServingMesh:
         for d in range(n):
             listed = np.flatnonzero(mask[d * s : (d + 1) * s])
             local[d, : listed.size] = listed
-        sums = self.executables.checksums(arrays, local)  # [weights, n, s], packed per device
+        sums = self.compiled.checksums(arrays, local)  # [weights, n, s], packed per device
         out = np.zeros((n * s, sums.shape[0]), np.uint32)
         for d in range(n):
             listed = local[d][local[d] >= 0]

@@ -130,7 +130,9 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def Rebalance(self, message: pb.RebalanceRequest, context):
         return await self._operation(
-            message, lambda: self.runtime.rebalance(op_id=message.op_id), context
+            message,
+            lambda: self.runtime.rebalance(op_id=message.op_id, max_copies=message.max_copies),
+            context,
         )
 
     async def VerifyExperts(self, message: pb.VerifyExpertsRequest, context):

@@ -61,7 +61,7 @@ def run_mesh(args: argparse.Namespace) -> int:
             elif action == "rejoin":
                 result = client.rejoin(list(args.device_ids), op_id=args.op_id)
             elif action == "rebalance":
-                result = client.rebalance(op_id=args.op_id)
+                result = client.rebalance(op_id=args.op_id, max_copies=args.max_copies)
             else:
                 raise AssertionError(action)
             return _print_result(result, args)
@@ -109,6 +109,9 @@ def status_dict(status: Any) -> dict[str, Any]:
         "num_logical_experts": status.num_logical_experts,
         "num_physical_slots": status.num_physical_slots,
         "min_live_replicas": status.min_live_replicas,
+        "placement_policy": status.placement_policy,
+        "max_device_load": status.max_device_load,
+        "worst_single_loss_restore": status.worst_single_loss_restore,
         "active_requests": status.active_requests,
         "queued_requests": status.queued_requests,
         "last": reconfiguration_dict(status.last) if status.HasField("last") else None,
@@ -144,6 +147,9 @@ def status_renderable(status: dict[str, Any]):
         f"[bold]mesh epoch {status['epoch']}[/]  {_styled(status['state'])}  "
         f"{status['num_logical_experts']} experts in {status['num_physical_slots']} slots, "
         f"min live replicas {status['min_live_replicas']}  "
+        f"placement {status['placement_policy']}: max/mean device load "
+        f"{status['max_device_load']:.2f}, one more loss restores at most "
+        f"{status['worst_single_loss_restore']} experts per layer from the host  "
         f"requests: {status['active_requests']} active, {status['queued_requests']} queued"
     )
     # Experts held per MoE layer; one list when every layer has the same placement.

@@ -137,6 +137,7 @@ def run_offline(args: argparse.Namespace) -> int:
                 devices,
                 request_slots_per_device=args.request_slots_per_device,
                 redundant=redundant,
+                placement=args.placement,
             )
 
         engine = new_engine()

@@ -316,10 +316,11 @@ class Client(_Base):
                 message, timeout=self.timeout, metadata=self._admin_metadata
             )
 
-    def rebalance(self, *, op_id: str = "") -> pb.ReconfigureResult:
+    def rebalance(self, *, op_id: str = "", max_copies: int = 0) -> pb.ReconfigureResult:
+        """max_copies > 0: one budgeted step (summary.steps_left says how many remain)."""
         with self._reaching_admin():
             return self._admin.Rebalance(
-                pb.RebalanceRequest(op_id=op_id),
+                pb.RebalanceRequest(op_id=op_id, max_copies=max_copies),
                 timeout=self.timeout,
                 metadata=self._admin_metadata,
             )
@@ -451,10 +452,10 @@ class AsyncClient(_Base):
                 message, timeout=self.timeout, metadata=self._admin_metadata
             )
 
-    async def rebalance(self, *, op_id: str = "") -> pb.ReconfigureResult:
+    async def rebalance(self, *, op_id: str = "", max_copies: int = 0) -> pb.ReconfigureResult:
         with self._reaching_admin():
             return await self._admin.Rebalance(
-                pb.RebalanceRequest(op_id=op_id),
+                pb.RebalanceRequest(op_id=op_id, max_copies=max_copies),
                 timeout=self.timeout,
                 metadata=self._admin_metadata,
             )

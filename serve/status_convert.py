@@ -44,6 +44,7 @@ def reconfiguration_to_proto(r: Reconfiguration) -> pb.Reconfiguration:
         verify_ms=r.verify_ms,
         kind=pb.ReconfigurationKind.Value(f"KIND_{r.kind.name}"),
         slots_lost=r.slots_lost,
+        steps_left=r.steps_left,
         moves=[
             pb.ExpertMove(
                 layer=m.layer, expert=m.expert, to_device=m.to_device, from_device=m.from_device
@@ -86,6 +87,9 @@ def mesh_status_to_proto(s: MeshStatus) -> pb.MeshStatus:
         min_live_replicas=s.min_live_replicas,
         active_requests=s.active_requests,
         queued_requests=s.queued_requests,
+        placement_policy=s.placement_policy,
+        max_device_load=s.max_device_load,
+        worst_single_loss_restore=s.worst_single_loss_restore,
     )
     for d in s.devices:
         message.devices.append(

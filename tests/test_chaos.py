@@ -216,6 +216,7 @@ def test_chaos_short(server):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * 3600)  # new meshes compile on the critical path here (no standby)
 def test_chaos_long(server):
     events = int(os.environ.get("ELASTIC_MOE_CHAOS_EVENTS", "60"))
     log = run_chaos(server, chaos_seed(), streams=32, events=events)

@@ -115,7 +115,10 @@ def test_fail_fail_rejoin_rebalance_changes_no_token(model, devices, load, reque
     assert all(s is DeviceState.HEALTHY for s in coordinator.states.values())
     status = coordinator.status()
     assert status.epoch == 4 and len(status.devices) == 8
-    assert status.min_live_replicas >= 2  # the rebalance restored the lost redundancy
+    # The rebalance restored what the placement policy promises: one more loss restores at
+    # most restore_budget experts per layer from the host.
+    assert status.worst_single_loss_restore <= OPTIONS.restore_budget
+    assert status.placement_policy == "auto" and status.state.value == "serving"
 
 
 def test_losing_every_replica_restores_from_host(model, devices, baseline):
@@ -247,3 +250,25 @@ def test_without_a_host_copy_lost_experts_come_back_from_the_checkpoint(
         engine.step()
         step += 1
     assert [r.generated for r in requests] == baseline
+
+
+def test_a_budgeted_rebalance_moves_a_few_experts_per_step(model, devices, skewed_baseline):
+    """After two losses under a skewed load, rebalance in steps of at most 3 expert copies:
+    each step stays within its budget, the steps reach the full rebalance, tokens unchanged."""
+    cfg, params = model
+    steps = []
+
+    def script(step, coordinator, injector):
+        if step == 2:
+            coordinator.fail([2, 5])
+        if step >= 4 and (not steps or steps[-1].steps_left):
+            steps.append(coordinator.rebalance(max_copies=3))
+
+    requests, coordinator, _ = run(cfg, params, devices, script, "skewed")
+    assert [r.generated for r in requests] == skewed_baseline
+    assert len(steps) >= 2 and steps[-1].steps_left == 0
+    for result in steps:
+        assert result.experts_copied + result.experts_restored_from_host <= 3
+        assert result.slots_repaired == 0
+    status = coordinator.status()
+    assert status.worst_single_loss_restore <= OPTIONS.restore_budget

@@ -215,9 +215,7 @@ def test_verify_on_demand_finds_and_repairs_a_corrupted_slot(model, devices):
     local = np.full((4,), -1, np.int32)
     local[slot // s] = slot % s
     values = [(lambda d, name=name: host[name][intruder]) for name in EXPERT_WEIGHTS]
-    arrays = engine.mesh.executables.writer(
-        tuple(weights[n] for n in EXPERT_WEIGHTS), local, values
-    )
+    arrays = engine.mesh.compiled.writer(tuple(weights[n] for n in EXPERT_WEIGHTS), local, values)
     weights.update(zip(EXPERT_WEIGHTS, arrays, strict=True))
     assert wrong_slots(engine, params) != []
 

@@ -160,7 +160,7 @@ def test_new_placement_changes_nothing_and_does_not_recompile(tiny, devices):
     skew = np.zeros_like(engine.expert_load)
     skew[:, 0] = 1000  # expert 0 suddenly hot: it gets more replicas
     engine.expert_load[:] = skew
-    engine.mesh.executables.warm(sorted(engine.prefill_lengths_seen))  # transfer programs too
+    engine.mesh.compiled.warm(sorted(engine.prefill_lengths_seen))  # transfer programs too
     with count_compiles() as counted:
         result = coordinator.rebalance()
         after = [r.generated for r in engine.generate(batch, MAX_TOKENS)]

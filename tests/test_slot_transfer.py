@@ -97,7 +97,7 @@ SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=list(H
 def test_compiled_rounds_reach_any_placement(case, data):
     """A full re-pack reads slots that are overwritten later: the order inside a round counts."""
     old, keep, load, max_replicas = case
-    if not keep:
+    if not keep or len(keep) > len(jax.devices()):  # a rejoin may add more than exist here
         return
     rng = np.random.default_rng(data.draw(st.integers(0, 99)))
     try:
@@ -111,6 +111,8 @@ def test_compiled_rounds_reach_any_placement(case, data):
 @given(reconfigurations())
 def test_compiled_rounds_reach_the_repaired_placement(case):
     old, keep, load, max_replicas = case
+    if len(keep) > len(jax.devices()):
+        return
     try:
         new = repair(old, keep, load, max_replicas)
     except PlacementError:

@@ -196,7 +196,7 @@ class ExpertIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Reconfiguration(_message.Message):
-    __slots__ = ("from_epoch", "to_epoch", "cause", "pause_ms", "detect_ms", "plan_ms", "transfer_ms", "compile_ms", "experts_copied", "experts_restored_from_host", "requests_reprefilled", "standby_hit", "dry_run", "slots_verified", "slots_repaired", "verify_ms", "kind", "slots_lost", "moves")
+    __slots__ = ("from_epoch", "to_epoch", "cause", "pause_ms", "detect_ms", "plan_ms", "transfer_ms", "compile_ms", "experts_copied", "experts_restored_from_host", "requests_reprefilled", "standby_hit", "dry_run", "slots_verified", "slots_repaired", "verify_ms", "kind", "slots_lost", "moves", "steps_left")
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     TO_EPOCH_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,7 @@ class Reconfiguration(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     SLOTS_LOST_FIELD_NUMBER: _ClassVar[int]
     MOVES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_LEFT_FIELD_NUMBER: _ClassVar[int]
     from_epoch: int
     to_epoch: int
     cause: str
@@ -235,7 +236,8 @@ class Reconfiguration(_message.Message):
     kind: ReconfigurationKind
     slots_lost: int
     moves: _containers.RepeatedCompositeFieldContainer[ExpertMove]
-    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., cause: _Optional[str] = ..., pause_ms: _Optional[float] = ..., detect_ms: _Optional[float] = ..., plan_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., compile_ms: _Optional[float] = ..., experts_copied: _Optional[int] = ..., experts_restored_from_host: _Optional[int] = ..., requests_reprefilled: _Optional[int] = ..., standby_hit: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., slots_verified: _Optional[int] = ..., slots_repaired: _Optional[int] = ..., verify_ms: _Optional[float] = ..., kind: _Optional[_Union[ReconfigurationKind, str]] = ..., slots_lost: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[ExpertMove, _Mapping]]] = ...) -> None: ...
+    steps_left: int
+    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., cause: _Optional[str] = ..., pause_ms: _Optional[float] = ..., detect_ms: _Optional[float] = ..., plan_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., compile_ms: _Optional[float] = ..., experts_copied: _Optional[int] = ..., experts_restored_from_host: _Optional[int] = ..., requests_reprefilled: _Optional[int] = ..., standby_hit: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., slots_verified: _Optional[int] = ..., slots_repaired: _Optional[int] = ..., verify_ms: _Optional[float] = ..., kind: _Optional[_Union[ReconfigurationKind, str]] = ..., slots_lost: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[ExpertMove, _Mapping]]] = ..., steps_left: _Optional[int] = ...) -> None: ...
 
 class ExpertMove(_message.Message):
     __slots__ = ("layer", "expert", "to_device", "from_device")
@@ -250,7 +252,7 @@ class ExpertMove(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., to_device: _Optional[int] = ..., from_device: _Optional[int] = ...) -> None: ...
 
 class MeshStatus(_message.Message):
-    __slots__ = ("epoch", "state", "devices", "num_logical_experts", "num_physical_slots", "min_live_replicas", "active_requests", "queued_requests", "last")
+    __slots__ = ("epoch", "state", "devices", "num_logical_experts", "num_physical_slots", "min_live_replicas", "active_requests", "queued_requests", "last", "placement_policy", "max_device_load", "worst_single_loss_restore")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +262,9 @@ class MeshStatus(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEVICE_LOAD_FIELD_NUMBER: _ClassVar[int]
+    WORST_SINGLE_LOSS_RESTORE_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     state: MeshState
     devices: _containers.RepeatedCompositeFieldContainer[Device]
@@ -269,7 +274,10 @@ class MeshStatus(_message.Message):
     active_requests: int
     queued_requests: int
     last: Reconfiguration
-    def __init__(self, epoch: _Optional[int] = ..., state: _Optional[_Union[MeshState, str]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., num_logical_experts: _Optional[int] = ..., num_physical_slots: _Optional[int] = ..., min_live_replicas: _Optional[int] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., last: _Optional[_Union[Reconfiguration, _Mapping]] = ...) -> None: ...
+    placement_policy: str
+    max_device_load: float
+    worst_single_loss_restore: int
+    def __init__(self, epoch: _Optional[int] = ..., state: _Optional[_Union[MeshState, str]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., num_logical_experts: _Optional[int] = ..., num_physical_slots: _Optional[int] = ..., min_live_replicas: _Optional[int] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., last: _Optional[_Union[Reconfiguration, _Mapping]] = ..., placement_policy: _Optional[str] = ..., max_device_load: _Optional[float] = ..., worst_single_loss_restore: _Optional[int] = ...) -> None: ...
 
 class FailDevicesRequest(_message.Message):
     __slots__ = ("device_ids", "reason", "op_id", "dry_run")
@@ -292,10 +300,12 @@ class RejoinDevicesRequest(_message.Message):
     def __init__(self, device_ids: _Optional[_Iterable[int]] = ..., op_id: _Optional[str] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
-    __slots__ = ("op_id",)
+    __slots__ = ("op_id", "max_copies")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_COPIES_FIELD_NUMBER: _ClassVar[int]
     op_id: str
-    def __init__(self, op_id: _Optional[str] = ...) -> None: ...
+    max_copies: int
+    def __init__(self, op_id: _Optional[str] = ..., max_copies: _Optional[int] = ...) -> None: ...
 
 class ReconfigureResult(_message.Message):
     __slots__ = ("epoch", "summary")
