@@ -96,24 +96,28 @@ examples:
 NAME runs benchmarks/bench_NAME.py (python -m benchmarks.bench_NAME ARGS...)."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+INT32_MAX = 2**31 - 1  # what the gRPC messages hold (int32 token ids and top_k)
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def _int_in(low: int, high: int, what: str):
+    """An argparse type: an integer in [low, high]; anything else is a usage error naming
+    `what` (a traceback once, when the value reached the gRPC message or the sampler)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_in(1, INT32_MAX, "a positive integer below 2**31")
+_non_negative_int = _int_in(0, INT32_MAX, "an integer >= 0 below 2**31")
+_seed = _int_in(0, 2**32 - 1, "a seed in [0, 2**32)")
 
 
 def _port(text: str) -> int:
@@ -132,6 +136,9 @@ def _token_list(text: str) -> list[int]:
         ) from None
     if not ids:
         raise argparse.ArgumentTypeError("expected at least one token id")
+    bad = [i for i in ids if not 0 <= i <= INT32_MAX]
+    if bad:
+        raise argparse.ArgumentTypeError(f"token ids are in [0, 2**31), got {bad[0]}")
     return ids
 
 
@@ -188,6 +195,15 @@ def _add_engine_options(parser: argparse.ArgumentParser, devices_help: str) -> N
         default=4,
         metavar="B",
         help="concurrent requests per device (default 4)",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=("auto", "balance", "survive"),
+        default="auto",
+        help="where expert replicas go: auto (default) balances load while one device loss "
+        "restores at most 2 experts per layer from the host; survive gives every expert a "
+        "second replica first (no restore after one loss, but no slot left to follow load at "
+        "R = num_experts); balance is pure EPLB",
     )
 
 
@@ -316,9 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--top-k", type=_non_negative_int, default=0, metavar="K", help="0 = off (default)"
     )
-    gen.add_argument(
-        "--seed", type=_non_negative_int, default=0, metavar="S", help="sampling seed (default 0)"
-    )
+    gen.add_argument("--seed", type=_seed, default=0, metavar="S", help="sampling seed (default 0)")
     gen.add_argument(
         "--stop-token-ids", type=_token_list, default=[], metavar="1,2", help="stop on these"
     )
@@ -425,6 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     rebalance.add_argument("--op-id", default="", help="repeating an op id repeats nothing")
+    rebalance.add_argument(
+        "--max-copies",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="move at most N experts now, the most useful first; the result says how many "
+        "such steps remain (default 0: the whole rebalance at once)",
+    )
     _add_admin_options(rebalance)
     verify = mesh_commands.add_parser(
         "verify",

@@ -18,6 +18,9 @@ from typing import Any
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 DEFAULT_CPU_DEVICES = 8
+# XLA makes every simulated device when jax starts; 10,000 of them hung a run until killed.
+# The design's largest meshes have 256 devices.
+MAX_SIMULATED_DEVICES = 256
 ADMIN_TOKEN_ENV = "ELASTIC_MOE_ADMIN_TOKEN"
 
 # The fields of a Reconfiguration, in the order they are reported (proto and dataclass alike).
@@ -46,11 +49,14 @@ def simulate_devices(count: int | None) -> None:
 
     Must run before jax's backends start (XLA reads XLA_FLAGS then, not at import); appends to
     any XLA_FLAGS already set and never lowers a larger count. On a machine with accelerators
-    this only adds host devices nobody uses.
+    this only adds host devices nobody uses. A count above MAX_SIMULATED_DEVICES makes none:
+    pick_devices then refuses it, saying how many devices there are.
     """
     if _backends_started():
         return
     wanted = count or DEFAULT_CPU_DEVICES
+    if wanted > MAX_SIMULATED_DEVICES:
+        return
     flags = os.environ.get("XLA_FLAGS", "")
     found = re.search(rf"{DEVICE_COUNT_FLAG}=(\d+)", flags)
     if found and int(found.group(1)) >= wanted:
@@ -81,13 +87,11 @@ def pick_devices(count: int | None) -> list:
     if count < 1:
         raise CliError(f"--devices must be at least 1, got {count}")
     if count > len(devices):
+        platform, plural = devices[0].platform, "s" if len(devices) != 1 else ""
+        simulated = f" (simulated: --devices N makes up to {MAX_SIMULATED_DEVICES})"
         raise CliError(
-            f"--devices {count}: only {len(devices)} {devices[0].platform} devices are visible"
-            + (
-                f" (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})"
-                if devices[0].platform == "cpu"
-                else ""
-            )
+            f"--devices {count}: this machine has {len(devices)} {platform} device{plural}"
+            + (simulated if platform == "cpu" else "")
         )
     return list(devices[:count])
 
