@@ -160,12 +160,22 @@ def refuse_non_finite(params, checkpoint: str) -> None:
             raise CliError(f"{checkpoint}: tensor {name} holds NaN or infinite values")
 
 
-def build_engine(cfg, params, devices, *, request_slots_per_device: int, redundant: int):
+def build_engine(
+    cfg,
+    params,
+    devices,
+    *,
+    request_slots_per_device: int,
+    redundant: int,
+    placement: str = "auto",
+):
     """An Engine, or a one-line CliError when the model cannot be deployed on these devices."""
     from elastic_moe import Engine, EngineOptions
 
     options = EngineOptions(
-        request_slots_per_device=request_slots_per_device, redundant_experts=redundant
+        request_slots_per_device=request_slots_per_device,
+        redundant_experts=redundant,
+        placement=placement,
     )
     try:
         return Engine(cfg, params, devices, options)
