@@ -73,6 +73,7 @@ def deploy(args: argparse.Namespace, console) -> tuple[Any, Any]:
             devices,
             request_slots_per_device=args.request_slots_per_device,
             redundant=redundant,
+            placement=args.placement,
         )
         progress.update(task, completed=1)
 
@@ -139,6 +140,22 @@ def _note(message: str) -> None:
     sys.stderr.flush()
 
 
+def log_to_stderr() -> None:
+    """The project's INFO lines (serving, draining, reconfigurations) on stderr.
+
+    Configures the "elastic_moe" logger itself: `logging.basicConfig` does nothing once the root
+    logger has a handler, and absl (imported with orbax) installs one; the root's WARNING level
+    keeps other libraries' INFO lines out."""
+    project = logging.getLogger("elastic_moe")
+    project.setLevel(logging.INFO)
+    if not any(getattr(h, "elastic_moe_cli", False) for h in project.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        handler.elastic_moe_cli = True  # called twice, log once
+        project.addHandler(handler)
+    project.propagate = False  # the root's handler would print each line again
+
+
 def run_serve(args: argparse.Namespace) -> int:
     console = make_console(stderr=True)
     from elastic_moe.runtime import Runtime
@@ -149,9 +166,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.wait_standby:
         wait_standby(futures, console, "standby: compiling the single-failure meshes")
         futures = []
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    log_to_stderr()
     runtime.start()
     try:
         return asyncio.run(_serve(runtime, tokenizer, args, futures))
@@ -198,8 +213,7 @@ async def _serve(runtime, tokenizer, args: argparse.Namespace, futures: list[Fut
 
 
 def _display(host: str, port: int) -> str:
-    if host in ("[::]", "::", "0.0.0.0", ""):
-        host = "127.0.0.1"  # reachable locally; the server listens on every address
-    elif ":" in host and not host.startswith("["):
+    """The address bound, as given: 0.0.0.0 (every address) stays 0.0.0.0."""
+    if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
