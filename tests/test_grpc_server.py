@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import subprocess
 import threading
 import time
 import urllib.request
@@ -454,7 +453,7 @@ def test_verify_experts_checks_every_slot_and_counts_it(served):
     assert verified_total() == before + slots
 
 
-# ---- admin token, TLS, configuration ---------------------------------------------------
+# ---- admin token, configuration (TLS: test_grpc_tls.py) --------------------------------
 def test_admin_token(served):
     config = ServerConfig(host="127.0.0.1", port=0, admin_port=0, admin_token="s3cret")
     with ServerThread(served.runtime, config) as guarded:
@@ -519,45 +518,3 @@ def test_a_port_in_use_is_an_error(served):
 def client_still_works(served) -> bool:
     with served.client() as client:
         return client.generate(PROMPTS[0], 4).token_ids == served.greedy[0][:4]
-
-
-def test_tls(served, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=localhost",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-            ],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError) as error:
-        pytest.skip(f"openssl cannot make a test certificate: {error}")
-    config = ServerConfig(
-        host="127.0.0.1", port=0, admin_port=0, admin_token="", tls_cert=str(cert), tls_key=str(key)
-    )
-    with ServerThread(served.runtime, config) as secure:
-        target = f"127.0.0.1:{secure.ports.generation}"
-        admin = f"127.0.0.1:{secure.ports.admin}"
-        with Client(target, admin_target=admin, tls_ca=str(cert), timeout=10) as c:
-            assert c.generate(PROMPTS[0], 4).token_ids == served.greedy[0][:4]
-            assert len(c.mesh_status().devices) == 8
-        with Client(target, timeout=2) as plain, pytest.raises(grpc.RpcError):
-            plain.model_info()
