@@ -156,8 +156,17 @@ def test_malformed_bytes_are_invalid_argument_on_the_generation_port(server, cap
         assert_invalid(raw_unary(channel, generation + "Abort"), "AbortRequest")
         assert_invalid(raw_unary(channel, generation + "GetModelInfo"), "ModelInfoRequest")
         assert_invalid(raw_unary(channel, "/grpc.health.v1.Health/Check"), "HealthCheckRequest")
+        # Well-formed calls pass the guard, a streaming one that writes through its context too.
         stub = pb_grpc.GenerationStub(channel)
         assert stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10).name == "tiny-mixtral"
+        watch = channel.unary_stream(
+            "/grpc.health.v1.Health/Watch",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        readiness = watch(health_pb2.HealthCheckRequest(service="elastic_moe.v1.Generation"))
+        assert next(readiness).status == health_pb2.HealthCheckResponse.SERVING
+        readiness.cancel()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
