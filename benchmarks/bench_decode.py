@@ -153,7 +153,7 @@ def roofline_ms(cfg, engine, hbm_gbs: float) -> float:
     # Slots a step reads: each expert's primary replica (primary routing) or every slot.
     slots = (
         cfg.num_experts
-        if engine.options.replica_routing == "primary"
+        if engine.options.replica_routing in ("primary", "auto")
         else geometry.num_expert_slots
     )
     touched = 1 - (1 - cfg.experts_per_token / cfg.num_experts) ** b

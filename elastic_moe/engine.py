@@ -52,10 +52,11 @@ class EngineOptions:
     prefill_rows_per_device: int = 1
     redundant_experts: int = 0  # extra expert slots over the whole mesh, beyond num_experts
     min_prefill_bucket: int = 16
-    # "primary": every token uses an expert's first live replica, so a decode step reads each
-    # expert's weights once and redundancy costs no bandwidth; "spread": tokens are spread
-    # over all replicas (balances compute in large prefill batches, reads every replica).
-    replica_routing: str = "primary"
+    # "auto": prefill spreads tokens over every replica of an expert (many rows per device:
+    # compute and the all-to-all volume count), decode uses each expert's primary replica (few
+    # rows: a step reads each expert's weights once, so redundancy costs no bandwidth).
+    # "primary" / "spread": one rule for both.
+    replica_routing: str = "auto"
     # Where expert replicas go (mesh/placement_policy.py): "auto" balances load first while no
     # single device loss leaves more than `restore_budget` experts per layer to restore from
     # the host; "survive" gives every expert a second replica first (zero-copy single loss,
@@ -69,9 +70,10 @@ class EngineOptions:
     expert_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
-        if self.replica_routing not in ("primary", "spread"):
+        if self.replica_routing not in ("auto", "primary", "spread"):
             raise ValueError(
-                f"replica_routing must be 'primary' or 'spread', got {self.replica_routing!r}"
+                "replica_routing must be 'auto', 'primary' or 'spread', "
+                f"got {self.replica_routing!r}"
             )
         for name in ("request_slots_per_device", "prefill_rows_per_device", "min_prefill_bucket"):
             if getattr(self, name) < 1:

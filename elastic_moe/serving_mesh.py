@@ -66,7 +66,8 @@ class ServingMesh:
     placement: Placement
     epoch: int = 0
     replica_routing: str = "primary"
-    tables: tuple[jax.Array, jax.Array] = field(init=False)
+    tables: tuple[jax.Array, jax.Array] = field(init=False)  # decode's
+    prefill_tables: tuple[jax.Array, jax.Array] = field(init=False)
 
     def __post_init__(self) -> None:
         self._upload_tables()
@@ -79,7 +80,7 @@ class ServingMesh:
         devices: Sequence[jax.Device],
         programs_cache: ExecutableCache,
         *,
-        replica_routing: str = "primary",
+        replica_routing: str = "auto",
         placement_policy: str = "auto",
         restore_budget: int = 2,
         load: np.ndarray | None = None,
@@ -116,16 +117,24 @@ class ServingMesh:
         return self.compiled.programs
 
     def _upload_tables(self) -> None:
+        """The routing tables the programs take: `tables` for decode, `prefill_tables` for
+        prefill. Spread: tokens over every live replica; primary: each expert's first replica
+        only (column 0 balanced over devices). "auto" spreads prefill (many rows: compute per
+        device counts) and keeps decode on the primaries (few rows: each expert's weights are
+        read once, whatever the redundancy)."""
         replicated = self.programs.replicated
-        log2phy = self.placement.log2phy
         counts = self.placement.replica_count.astype(np.int32)
-        if self.replica_routing == "primary":
-            log2phy = primary_first(self.placement)  # column 0 balanced over devices
-            counts = np.minimum(counts, 1)
-        self.tables = (
-            jax.device_put(log2phy.astype(np.int32), replicated),
-            jax.device_put(counts, replicated),
-        )
+
+        def upload(log2phy, counts):
+            return (
+                jax.device_put(log2phy.astype(np.int32), replicated),
+                jax.device_put(counts, replicated),
+            )
+
+        spread = upload(self.placement.log2phy, counts)
+        primary = upload(primary_first(self.placement), np.minimum(counts, 1))
+        self.tables = spread if self.replica_routing == "spread" else primary
+        self.prefill_tables = primary if self.replica_routing == "primary" else spread
 
     def set_placement(self, placement: Placement) -> None:
         self.placement = placement
@@ -133,7 +142,9 @@ class ServingMesh:
 
     def prefill(self, tokens, positions, rows, last, sampling) -> StepOutput:
         run = self.programs.compile_prefill(tokens.shape[1])
-        out = run(self.params, self.cache, *self.tables, tokens, positions, rows, last, sampling)
+        out = run(
+            self.params, self.cache, *self.prefill_tables, tokens, positions, rows, last, sampling
+        )
         self.cache = out.cache
         return out
 
