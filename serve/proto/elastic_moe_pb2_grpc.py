@@ -64,7 +64,9 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Idempotent: unknown or finished ids are ignored.
+        """Idempotent: unknown or finished ids are ignored, and so are the ids of requests another
+        connection started (a request belongs to the connection whose Generate started it); a call
+        carrying the admin token (authorization: Bearer <token>) may abort any request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
