@@ -382,13 +382,22 @@ def main() -> int:
         server.close()
     print(f"{'end':>5}" + row(result.final)[5:])
     misses = sum(not hit for c in result.cycles for hit in c.standby_hits)
-    pauses = sorted(p for c in result.cycles for p in (c.fail_pause_ms, c.rejoin_pause_ms))
-    tail = result.samples[len(result.samples) // 2 :]
-    before_tail = result.samples[len(result.samples) // 2 - 1]
+    half = len(result.samples) // 2
+    tail, before_tail = result.samples[half:], result.samples[half - 1]
+    first_round = sum(s.cycle_ms for s in result.samples[: len(fail_order)]) / 1000
+
+    def pauses(cycles) -> str:
+        ms = sorted(p for c in cycles for p in (c.fail_pause_ms, c.rejoin_pause_ms))
+        return f"median {ms[len(ms) // 2]:.0f} ms, max {ms[-1]:.0f} ms"
+
     print(
         f"# {result.completed} requests, {len(result.mismatches)} with other tokens than the "
-        f"failure-free run; {2 * len(result.cycles)} reconfigurations, {misses} standby misses, "
-        f"pause median {pauses[len(pauses) // 2]:.0f} ms, max {pauses[-1]:.0f} ms"
+        f"failure-free run; {2 * len(result.cycles)} reconfigurations, {misses} standby misses; "
+        f"pause {pauses(result.cycles)} (last {len(tail)} cycles: {pauses(result.cycles[half:])})"
+    )
+    print(
+        f"# first {len(fail_order)} cycles (each waits for its standby compiles): "
+        f"{first_round:.0f} s; the whole run {time.perf_counter() - started:.0f} s"
     )
     print(
         f"# last {len(tail)} cycles: rss {min(s.rss_mb for s in tail):.1f}-"
