@@ -11,8 +11,11 @@ samples the process: host RSS, open file descriptors, threads (Python's and the 
 memory where the backend reports it (the CPU backend does not), and the meshes held by the
 executable cache. Every request is checked against the tokens of a failure-free run.
 
-Prints the curves every 10 cycles; exits non-zero if a request got other tokens or a
-reconfiguration had to compile (a standby miss).
+The first round over the devices waits, after each failure, until the standby compiles of the
+meshes one more failure would leave are done (the cache fills up, RSS with it); the cycles after
+it are the steady state, in which nothing compiles and nothing should grow. Prints the curves
+every 10 cycles; exits non-zero if a request got other tokens or a reconfiguration had to
+compile (a standby miss).
 """
 
 from __future__ import annotations
