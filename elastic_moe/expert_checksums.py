@@ -17,9 +17,6 @@ from jaxtyping import UInt32
 
 from elastic_moe.reconfiguration import ExpertIntegrityError
 from mesh.placement import Placement
-from mesh.slot_checksum import host_checksums
-from models.config import ModelConfig
-from models.params import EXPERT_WEIGHTS, Params, expert_weights, moe_layer_indices
 
 
 class ExpertChecksums:
@@ -46,15 +43,6 @@ class ExpertChecksums:
                     "the deploy (slots " + ", ".join(map(str, wrong.tolist())) + ")"
                 )
         return cls(table)
-
-    @classmethod
-    def from_host(cls, cfg: ModelConfig, host_params: Params) -> ExpertChecksums:
-        """From the host copy of the logical experts (numpy: slow at real shapes)."""
-        per_layer = []
-        for i in moe_layer_indices(cfg):
-            host = expert_weights(host_params, i)
-            per_layer.append(np.stack([host_checksums(host[n]) for n in EXPERT_WEIGHTS], axis=-1))
-        return cls(np.stack(per_layer))
 
     def expected(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """[len(experts), weights] the checksums the slots holding `experts` must show."""
