@@ -30,7 +30,7 @@ from elastic_moe.mesh_change import AppliedChange, MeshChange
 from elastic_moe.reconfiguration import IntegrityReport
 from elastic_moe.requests import FinishReason, Journal, Request, RequestError, SamplingParams
 from elastic_moe.serving_mesh import ServingMesh, expert_slots_per_device
-from elastic_moe.steps import Sampling, StepGeometry
+from elastic_moe.steps import NUMERICS_MODES, Sampling, StepGeometry
 from mesh.placement_policy import POLICIES as PLACEMENT_POLICIES
 from models.config import ModelConfig
 from models.params import Params
@@ -68,6 +68,9 @@ class EngineOptions:
     # written by elastic_moe.checkpoint.save_checkpoint).
     host_expert_copy: bool = True
     expert_checkpoint: str | None = None
+    # "invariant": every reduction a token depends on has a fixed order and split whatever the
+    # mesh size, so a failure or rejoin changes no token (even in bf16); "fast": XLA's choice.
+    numerics: str = "invariant"
 
     def __post_init__(self) -> None:
         if self.replica_routing not in ("auto", "primary", "spread"):
@@ -80,6 +83,8 @@ class EngineOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.host_expert_copy and not self.expert_checkpoint:
             raise ValueError("host_expert_copy=False needs an expert_checkpoint to restore from")
+        if self.numerics not in NUMERICS_MODES:
+            raise ValueError(f"numerics must be one of {NUMERICS_MODES}, got {self.numerics!r}")
         if self.placement not in PLACEMENT_POLICIES:
             raise ValueError(
                 f"placement must be one of {PLACEMENT_POLICIES}, got {self.placement!r}"
@@ -120,6 +125,7 @@ class Engine:
                 request_slots_per_device=options.request_slots_per_device,
                 prefill_rows_per_device=options.prefill_rows_per_device,
                 max_replicas=max_replicas,
+                numerics=options.numerics,
             )
 
         self.executables = ExecutableCache(cfg, geometry_for)

@@ -44,6 +44,9 @@ class StepOutput(NamedTuple):
     expert_load: Int[Array, "moe_layers experts"]
 
 
+NUMERICS_MODES = ("invariant", "fast")
+
+
 @dataclass(frozen=True)
 class StepGeometry:
     """Sizes that fix the shapes of one mesh's programs."""
@@ -53,6 +56,7 @@ class StepGeometry:
     request_slots_per_device: int
     prefill_rows_per_device: int
     max_replicas: int
+    numerics: str = "invariant"  # one of NUMERICS_MODES
 
     @property
     def num_expert_slots(self) -> int:
