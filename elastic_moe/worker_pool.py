@@ -1,0 +1,250 @@
+"""The frontend's side of the worker processes: it hosts the coordination service, starts one
+worker per GPU (or per group of simulated CPU devices), and sends every step to all of them.
+
+The frontend never joins the cluster and owns no accelerator, so a worker's death loses no
+request state. A worker's death reaches the frontend two ways: its channel closes (the kernel
+closes a killed process's sockets: the frontend knows at once, on one host), and the survivors'
+steps fail with `ProcessFailureError` once the coordination service has missed its heartbeats.
+A worker that misses a step's deadline without dying (a hang) is killed by the frontend, which
+turns a hang into a death that the survivors detect the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener, wait
+from typing import Any
+
+from elastic_moe.distributed_service import (
+    ClusterOptions,
+    CoordinationService,
+    worker_environment,
+)
+from elastic_moe.worker import AUTHKEY_ENV
+
+
+class WorkerError(RuntimeError):
+    """A worker raised an exception that is not a peer's death (its text is the message)."""
+
+
+@dataclass
+class WorkerFailure(Exception):
+    """One or more workers died (or were killed for missing a step's deadline).
+
+    dead: process ids whose channel closed or that the frontend killed.
+    failed_device_ids: the devices the survivors' `live_devices` reported failed.
+    eof_at / reported_at: wall-clock times (time.time()) when the frontend saw the first channel
+        close and when the last survivor's failure report arrived (None if none came).
+    """
+
+    dead: list[int]
+    failed_device_ids: list[int]
+    eof_at: float | None
+    reported_at: float | None
+    survivor_detected_at: dict[int, float] = field(default_factory=dict)
+    reason: str = "process died"
+
+    def __str__(self) -> str:
+        return (
+            f"worker(s) {self.dead} lost ({self.reason}); "
+            f"devices reported failed: {self.failed_device_ids}"
+        )
+
+
+@dataclass
+class WorkerHandle:
+    process_id: int
+    process: subprocess.Popen
+    conn: Connection | None = None
+    device_ids: list[int] = field(default_factory=list)
+    alive: bool = True
+    hello: dict = field(default_factory=dict)
+
+
+class WorkerPool:
+    """N worker processes in one cluster, driven in lockstep through `request`."""
+
+    def __init__(
+        self,
+        num_workers: int,
+        *,
+        platform: str = "cpu",
+        cpu_devices_per_worker: int = 1,
+        options: ClusterOptions | None = None,
+        log_dir: str | None = None,
+        start_timeout_s: float = 180.0,
+    ):
+        options = options or ClusterOptions()
+        self.num_workers = num_workers
+        self.platform = platform
+        self.options = options
+        self.service = CoordinationService(num_workers, options)
+        self._authkey = os.urandom(16)
+        self._listener = Listener(("127.0.0.1", 0), authkey=self._authkey)
+        self.workers: list[WorkerHandle] = []
+        env = dict(os.environ)
+        for name in ("XLA_FLAGS", "JAX_PLATFORMS"):
+            env.pop(name, None)
+        env.update(worker_environment(platform, options, cpu_devices=cpu_devices_per_worker))
+        env[AUTHKEY_ENV] = self._authkey.hex()
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        host, port = self._listener.address
+        for i in range(num_workers):
+            command = [
+                sys.executable,
+                "-m",
+                "elastic_moe.worker",
+                f"--coordinator={self.service.address()}",
+                f"--num-workers={num_workers}",
+                f"--process-id={i}",
+                f"--frontend={host}:{port}",
+                f"--platform={platform}",
+                f"--heartbeat-timeout={options.heartbeat_timeout_s}",
+                f"--shutdown-timeout={options.shutdown_timeout_s}",
+                f"--init-timeout={options.init_timeout_s}",
+                f"--collective-timeout={options.collective_timeout_s}",
+            ]
+            if platform == "gpu":
+                command.append(f"--local-device-ids={i}")
+            out = subprocess.DEVNULL
+            if log_dir is not None:
+                out = open(os.path.join(log_dir, f"worker{i}.log"), "wb")
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.workers.append(WorkerHandle(i, process))
+        try:
+            self._accept_all(start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _accept_all(self, timeout_s: float) -> None:
+        accepted: queue.Queue = queue.Queue()
+
+        def accept() -> None:
+            for _ in range(self.num_workers):
+                try:
+                    accepted.put(self._listener.accept())
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True, name="worker-accept").start()
+        deadline = time.monotonic() + timeout_s
+        pending = self.num_workers
+        while pending:
+            for w in self.workers:
+                if w.process.poll() is not None:
+                    raise RuntimeError(
+                        f"worker {w.process_id} exited with {w.process.returncode} at start-up"
+                    )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{pending} worker(s) did not connect in {timeout_s:.0f} s")
+            try:
+                conn = accepted.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            kind, hello = conn.recv()
+            if kind != "hello":
+                raise RuntimeError(f"a worker opened with {kind!r}, not hello")
+            handle = self.workers[hello["process_id"]]
+            handle.conn, handle.device_ids, handle.hello = conn, hello["device_ids"], hello
+            pending -= 1
+
+    # ---- driving the workers ------------------------------------------------------------
+    @property
+    def live_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.alive]
+
+    def device_ids(self, process_ids: Sequence[int] | None = None) -> list[int]:
+        chosen = [w for w in self.workers if process_ids is None or w.process_id in process_ids]
+        return sorted(d for w in chosen for d in w.device_ids)
+
+    def request(self, kind: str, payload: Any = None, *, timeout_s: float = 60.0) -> list[Any]:
+        """Sends one message to every live worker and returns their replies' payloads, by
+        process id order. Raises WorkerFailure when a worker died or a survivor reported a
+        peer's death, WorkerError when a worker raised anything else."""
+        targets = self.live_workers
+        for w in targets:
+            try:
+                w.conn.send((kind, payload))
+            except OSError:
+                pass  # its death shows as EOF below
+        replies: dict[int, tuple[str, Any]] = {}
+        dead: list[int] = []
+        eof_at: float | None = None
+        reported_at: float | None = None
+        waiting = {w.conn: w for w in targets}
+        deadline = time.monotonic() + timeout_s
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for conn in wait(list(waiting), timeout=left):
+                w = waiting.pop(conn)
+                try:
+                    replies[w.process_id] = conn.recv()
+                except (EOFError, OSError):
+                    eof_at = eof_at or time.time()
+                    w.alive = False
+                    dead.append(w.process_id)
+                    continue
+                if replies[w.process_id][0] == "failed":
+                    reported_at = time.time()
+        reason = "process died"
+        for w in waiting.values():  # missed the deadline: a hang becomes a death
+            self.kill(w.process_id)
+            dead.append(w.process_id)
+            reason = f"missed the {timeout_s:.0f} s step deadline and was killed"
+        failed = [(i, r[1]) for i, r in replies.items() if r[0] == "failed"]
+        if dead or failed:
+            raise WorkerFailure(
+                dead=sorted(dead),
+                failed_device_ids=sorted({d for _, r in failed for d in r["failed_device_ids"]}),
+                eof_at=eof_at,
+                reported_at=reported_at,
+                survivor_detected_at={i: r["detected_at"] for i, r in failed},
+                reason=reason,
+            )
+        errors = [f"worker {i}: {r[1]}" for i, r in sorted(replies.items()) if r[0] == "error"]
+        if errors:
+            raise WorkerError("\n".join(errors))
+        return [replies[w.process_id][1] for w in targets]
+
+    def kill(self, process_id: int) -> None:
+        """kill -9 of one worker (what a GPU fault does to it)."""
+        w = self.workers[process_id]
+        if w.process.poll() is None:
+            w.process.kill()
+            w.process.wait()
+        w.alive = False
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.alive and w.conn is not None and w.process.poll() is None:
+                try:
+                    w.conn.send(("shutdown", None))
+                except OSError:
+                    pass
+        for w in self.workers:
+            try:
+                w.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait()
+            if w.conn is not None:
+                w.conn.close()
+            w.alive = False
+        self._listener.close()
+        self.service.shutdown()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
