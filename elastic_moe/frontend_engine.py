@@ -51,3 +51,26 @@ class FrontendEngine(Engine):
         self.slot_owner = [None] * mesh.geometry.num_request_slots
         self.in_flight_untrusted = False
         return len(running)
+
+
+def recover_on_survivors(
+    engine: FrontendEngine,
+    model: str,
+    options: dict,
+    *,
+    prefill_lengths=(),
+) -> int:
+    """After a WorkerFailure: the live workers deploy the model again over their own devices
+    (from their host copies; nothing is reused yet) and every request in flight is re-prefilled
+    from the journal. Returns how many requests were requeued."""
+    pool = engine.mesh.pool
+    live = [w.process_id for w in pool.live_workers]
+    mesh = RemoteMesh.deploy(
+        pool,
+        model,
+        options,
+        device_ids=pool.device_ids(live),
+        prefill_lengths=sorted(set(prefill_lengths) | engine.prefill_lengths_seen),
+        epoch=engine.mesh.epoch + 1,
+    )
+    return engine.use_mesh(mesh)

@@ -19,6 +19,7 @@ Messages, frontend -> worker, each answered by one reply:
   ("prefill", (tokens, positions, rows, last, sampling))             -> ("ok", rows) | ("failed")
   ("decode", (tokens, positions, sampling))                          -> ("ok", rows) | ("failed")
   ("reset_cache" | "discard_cache" | "ping", None)                   -> ("ok", {...})
+  ("live_processes", None)                         -> ("ok", {"live": [process ids], "time"})
   ("shutdown", None)                                                 -> ("ok", {}), then exit
 A step's reply ("ok", rows) holds this worker's rows of the tokens and logprobs, as
 [(first_row, values)], the replicated expert load, and the step's time on the worker.
@@ -84,6 +85,8 @@ class Worker:
     def handle(self, kind: str, payload: Any) -> tuple[str, Any]:
         if kind == "shutdown":
             return "ok", {}
+        if kind == "live_processes":
+            return "ok", self.live_processes()
         if kind == "ping":
             return "ok", {"process_id": self.process_id, "time": time.time()}
         if kind == "deploy":
@@ -99,6 +102,16 @@ class Worker:
             self.mesh.discard_cache()
             return "ok", {}
         raise ValueError(f"unknown message {kind!r}")
+
+    def live_processes(self) -> dict:
+        """The workers the coordination service holds alive (it waits for the live ones to
+        ask too, and declares dead those whose heartbeats stopped)."""
+        import jax
+
+        from elastic_moe.distributed_service import live_process_ids
+
+        live = live_process_ids(list(range(jax.process_count())))
+        return {"live": live, "time": time.time()}
 
     def deploy(
         self,

@@ -94,6 +94,9 @@ class WorkerPool:
             env.pop(name, None)
         env.update(worker_environment(platform, options, cpu_devices=cpu_devices_per_worker))
         env[AUTHKEY_ENV] = self._authkey.hex()
+        # The workers import this checkout's packages, installed or not.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
         host, port = self._listener.address
         for i in range(num_workers):
@@ -117,6 +120,8 @@ class WorkerPool:
             if log_dir is not None:
                 out = open(os.path.join(log_dir, f"worker{i}.log"), "wb")
             process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            if log_dir is not None:
+                out.close()  # the worker holds its own copy
             self.workers.append(WorkerHandle(i, process))
         try:
             self._accept_all(start_timeout_s)
