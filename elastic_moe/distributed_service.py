@@ -44,12 +44,16 @@ class ClusterOptions:
     collective_timeout_s: CPU only, the bound on one gloo collective (see the module docstring).
         It must exceed the longest a worker can wait for a peer inside one step, so keep every
         compile out of the steps (the frontend asks the workers to compile before it steps).
+    abort_collectives: GPU only, the flags and variable of JAX's guide that cancel a NCCL
+        collective whose peer died (async, non-blocking communicators); off, a survivor can
+        hang in it. `--xla_gpu_nccl_terminate_on_error=false` is set either way.
     """
 
     heartbeat_timeout_s: int = 2
     shutdown_timeout_s: int = 5
     init_timeout_s: int = 120
     collective_timeout_s: int = 10
+    abort_collectives: bool = True
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_timeout_s", "shutdown_timeout_s", "init_timeout_s"):
@@ -82,8 +86,10 @@ def worker_environment(
             f"--xla_cpu_collective_timeout_seconds={options.collective_timeout_s}",
         ]
         return {"XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
-    flags = [
-        "--xla_gpu_nccl_terminate_on_error=false",
+    flags = ["--xla_gpu_nccl_terminate_on_error=false"]  # no fate-sharing with a dead peer
+    if not options.abort_collectives:
+        return {"XLA_FLAGS": " ".join(flags)}
+    flags += [
         "--xla_gpu_nccl_async_execution=true",
         "--xla_gpu_nccl_blocking_communicators=false",
     ]
