@@ -11,11 +11,12 @@ and SIGKILLs one worker mid-stream, then prints, each line as soon as it is know
   detect_ms         kill -> the survivor's step raises ProcessFailureError (live_devices)
   failed_step_ms    kill -> the failed step's replies are all in at the frontend
   redeploy_ms       the survivors deploy the model again over their own devices (from their host
-                    copies, compiling there: phase 1 keeps no standby executables)
+                    copies), compiling there unless the trial had standby compiles (--standby)
   first_token_ms    kill -> the first token on the new mesh (every request in flight re-prefilled)
   lost, equal       requests lost (must be 0); outputs equal to the failure-free run
   tok/s before / after, from the decode steps' times
-One trial per --kill entry, each on a fresh cluster.
+One trial per --kill entry (with the --standby entry of the same place), each on a fresh
+cluster.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--kill-after-steps", type=int, default=8)
     p.add_argument("--step-timeout", type=float, default=30.0)
     p.add_argument("--log-dir", default=None, help="worker logs go here")
+    p.add_argument(
+        "--standby",
+        default="0,1",
+        help="per trial, 1: the workers compile the survivor meshes' programs ahead",
+    )
     return p.parse_args()
 
 
@@ -78,7 +84,7 @@ def rate(timings: list[tuple[float, int]]) -> float:
     return sum(n for _, n in timings) / seconds if seconds else float("nan")
 
 
-def trial(args, kill: int, platform: str) -> dict:
+def trial(args, kill: int, platform: str, standby: bool) -> dict:
     from elastic_moe.distributed_service import ClusterOptions
     from elastic_moe.engine import EngineOptions
     from elastic_moe.frontend_engine import FrontendEngine, recover_on_survivors
@@ -114,6 +120,13 @@ def trial(args, kill: int, platform: str) -> dict:
             "geometry",
             mesh.geometry,
         )
+        if standby:
+            t_standby = time.perf_counter()
+            replies = mesh.standby([16])
+            say(
+                f"[kill {kill}] standby compiles: {1000 * (time.perf_counter() - t_standby):.0f}"
+                f" ms, meshes {[r['meshes'] for r in replies]}"
+            )
         engine = FrontendEngine(cfg, mesh, options)
 
         oracle = requests_for(args, cfg.vocab_size)
@@ -143,7 +156,7 @@ def trial(args, kill: int, platform: str) -> dict:
         except WorkerFailure as e:
             failure = e
         failed_at = time.time()
-        result: dict = {"kill": kill}
+        result: dict = {"kill": kill, "standby": standby}
         if failure is not None:
             result["eof_ms"] = (
                 None if failure.eof_at is None else 1000 * (failure.eof_at - killed_at)
@@ -214,8 +227,10 @@ def main() -> None:
         f"{args.preset}, heartbeat {args.heartbeat} s"
     )
     results = []
-    for kill in [int(k) for k in args.kill.split(",")]:
-        results.append(trial(args, kill, platform))
+    kills = [int(k) for k in args.kill.split(",")]
+    standbys = [s == "1" for s in args.standby.split(",")]
+    for kill, standby in zip(kills, standbys, strict=True):
+        results.append(trial(args, kill, platform, standby))
     say("summary", results)
 
 

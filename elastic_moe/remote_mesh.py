@@ -86,6 +86,13 @@ class RemoteMesh:
         mesh.deploy_replies = replies
         return mesh
 
+    def standby(self, prefill_lengths: Sequence[int], *, timeout_s: float = 600.0) -> list[dict]:
+        """Every worker compiles ahead the programs of the meshes one worker's death would
+        leave (see Worker.standby); returns their replies (compile_ms, meshes)."""
+        return self.pool.request(
+            "standby", {"prefill_lengths": [int(n) for n in prefill_lengths]}, timeout_s=timeout_s
+        )
+
     # ---- the engine's interface -----------------------------------------------------------
     @property
     def cache(self) -> object | None:

@@ -16,6 +16,7 @@ a killed worker's socket is closed by its kernel, so the frontend sees the death
 Messages, frontend -> worker, each answered by one reply:
   ("deploy", {"model", "options", "device_ids", "prefill_lengths"}) -> ("ok", {"geometry", ...})
   ("compile", {"prefill_lengths"})                                   -> ("ok", {"compile_ms"})
+  ("standby", {"prefill_lengths"})                    -> ("ok", {"compile_ms", "meshes"})
   ("prefill", (tokens, positions, rows, last, sampling))             -> ("ok", rows) | ("failed")
   ("decode", (tokens, positions, sampling))                          -> ("ok", rows) | ("failed")
   ("reset_cache" | "discard_cache" | "ping", None)                   -> ("ok", {...})
@@ -80,6 +81,7 @@ class Worker:
         self.process_id = process_id
         self.mesh = None  # a ServingMesh over the global devices, after "deploy"
         self._model: tuple[str, Any, Any] | None = None  # (name, cfg, host params)
+        self._programs: dict[tuple, Any] = {}  # ExecutableCache per (model, options)
 
     # ---- messages ---------------------------------------------------------------------
     def handle(self, kind: str, payload: Any) -> tuple[str, Any]:
@@ -91,6 +93,8 @@ class Worker:
             return "ok", {"process_id": self.process_id, "time": time.time()}
         if kind == "deploy":
             return "ok", self.deploy(**payload)
+        if kind == "standby":
+            return "ok", self.standby(payload["prefill_lengths"])
         if kind == "compile":
             return "ok", self.compile(payload["prefill_lengths"])
         if kind in ("prefill", "decode"):
@@ -140,7 +144,12 @@ class Worker:
             wanted = set(device_ids)
             devices = [d for d in devices if d.id in wanted]
         self.mesh = None  # the old epoch's buffers go before the new ones are built
-        programs = ExecutableCache(cfg, lambda n: step_geometry(cfg, n, engine_options))
+        key = (model, tuple(sorted(options.items())))
+        if key not in self._programs:  # kept across deploys: standby programs are found here
+            self._programs[key] = ExecutableCache(
+                cfg, lambda n: step_geometry(cfg, n, engine_options)
+            )
+        programs = self._programs[key]
         self.mesh = ServingMesh.create(
             cfg,
             host_params,
@@ -150,6 +159,7 @@ class Worker:
             placement_policy=engine_options.placement,
             restore_budget=engine_options.restore_budget,
         )
+        self._programs_in_use = programs
         compile_ms = self.compile(prefill_lengths)["compile_ms"]
         return {
             "geometry": dataclasses.asdict(self.mesh.geometry),
@@ -166,6 +176,22 @@ class Worker:
         for length in prefill_lengths:
             self.mesh.programs.compile_prefill(int(length))
         return {"compile_ms": 1000 * (time.perf_counter() - started)}
+
+    def standby(self, prefill_lengths: Sequence[int]) -> dict:
+        """Compiles, ahead of any failure, this worker's programs for each mesh that the death
+        of one other worker would leave (the current mesh less that worker's devices), so that
+        a redeploy after it compiles nothing."""
+        started = time.perf_counter()
+        devices = list(self.mesh.devices)
+        meshes = []
+        for lost in sorted({d.process_index for d in devices} - {self.process_id}):
+            survivors = [d for d in devices if d.process_index != lost]
+            entry = self._programs_in_use.get(survivors)
+            entry.programs.compile_decode()
+            for length in prefill_lengths:
+                entry.programs.compile_prefill(int(length))
+            meshes.append([d.id for d in survivors])
+        return {"compile_ms": 1000 * (time.perf_counter() - started), "meshes": meshes}
 
     def step(self, kind: str, args: tuple) -> tuple[str, Any]:
         """Runs one prefill or decode step over the mesh, guarded by `live_devices`: a peer's
