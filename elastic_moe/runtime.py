@@ -23,10 +23,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from elastic_moe.background_repair import RepairBudget, RepairSchedule
 from elastic_moe.coordinator import Coordinator
 from elastic_moe.engine import Engine, TokenEvent
 from elastic_moe.faults import FaultInjector, GuardedStepper, StepFailed
-from elastic_moe.reconfiguration import MeshState, MeshStatus
+from elastic_moe.reconfiguration import (
+    MeshState,
+    MeshStatus,
+    Reconfiguration,
+    ReconfigurationKind,
+)
 from elastic_moe.requests import FinishReason, Request, RequestError
 
 log = logging.getLogger("elastic_moe.runtime")
@@ -70,7 +76,10 @@ class Runtime:
         injector: FaultInjector | None = None,
         max_queued_requests: int = 256,
         max_queued_tokens: int = 1 << 16,
+        repair_budget: RepairBudget | None = None,
     ):
+        """repair_budget: after a loss or a rejoin, restore redundancy and balance in the
+        background, that many bytes of expert copies per interval (None: only when asked)."""
         self.engine = engine
         self.coordinator = coordinator or Coordinator(engine)
         self.injector = injector or FaultInjector()
@@ -80,9 +89,9 @@ class Runtime:
         self._lock = threading.Condition()
         self._inbox: collections.deque[Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
-        # Every request accepted and not finished: its listener and the request itself (the
-        # engine's journal drops a request when it finishes; its Finished still needs it).
-        self._live: dict[str, tuple[Listener, Request]] = {}
+        # Who to tell about each request accepted and not finished. The requests themselves
+        # are in the inbox until the loop hands them to the engine, then in its journal.
+        self._listeners: dict[str, Listener] = {}
         self._queued_tokens: dict[str, int] = {}  # accepted, no token or Finished yet
         self.failure: BaseException | None = None  # why the loop stopped, if it did
         self._watchers: list[Callable[[MeshStatus], None]] = []
@@ -91,6 +100,7 @@ class Runtime:
         self.draining = False
         self.step_count = 0
         self.tokens_generated = 0
+        self.repair = RepairSchedule(repair_budget)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> Runtime:
@@ -115,14 +125,15 @@ class Runtime:
 
     # ---- requests -----------------------------------------------------------------------
     def submit(self, request: Request, listener: Listener) -> Request:
-        """Queues a request; raises RequestError (bad input), QueueFull or Draining."""
+        """Validates and queues a request; raises RequestError (bad input), QueueFull or
+        Draining. The one validation on this path: the engine takes it as it is."""
         cfg = self.engine.cfg
         request.validate(cfg.vocab_size, cfg.max_seq_len)
         with self._lock:
             self._raise_if_stopped()
             if self.draining:
                 raise Draining("the server is draining and accepts no new requests")
-            if request.request_id in self._live:
+            if request.request_id in self._listeners:
                 raise RequestError(f"request_id {request.request_id!r} is already running")
             # Counted here, not from the engine's queue: that belongs to the loop thread.
             queued = len(self._queued_tokens)
@@ -131,7 +142,7 @@ class Runtime:
             tokens = sum(self._queued_tokens.values())
             if tokens + len(request.prompt) > self.max_queued_tokens:
                 raise QueueFull(f"admission queue full ({tokens} prompt tokens waiting)")
-            self._live[request.request_id] = (listener, request)
+            self._listeners[request.request_id] = listener
             self._queued_tokens[request.request_id] = len(request.prompt)
             self._inbox.append(request)
             self._lock.notify_all()
@@ -229,23 +240,45 @@ class Runtime:
         Returns (completed, aborted)."""
         self.stop_admission()
         with self._lock:
-            live = set(self._live)
+            live = set(self._listeners)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
-                if not (live & set(self._live)):
+                if not (live & set(self._listeners)):
                     break
             time.sleep(0.01)
         with self._lock:
-            left = list(live & set(self._live))
+            left = list(live & set(self._listeners))
         aborted = self.abort(left).result() if left else 0
         return len(live) - aborted, aborted
 
     # ---- the loop -----------------------------------------------------------------------
-    def _changed(self, result):
+    def _changed(self, result: Reconfiguration) -> Reconfiguration:
         if not result.dry_run:
+            if result.kind is not ReconfigurationKind.REBALANCE:
+                self.repair.arm(time.monotonic())  # a loss or a rejoin leaves a repair to do
             self._notify_watchers()
         return result
+
+    def _repair_step(self) -> None:
+        """One budgeted step of the background repair, at a step boundary."""
+        copies = self.repair.budget.copies(self.engine.cfg.expert_bytes())
+        try:
+            result = self.coordinator.rebalance(max_copies=copies)
+        except Exception:  # the repair is an optimisation: serving goes on without it
+            log.exception("background repair step failed; repair stopped")
+            self.repair.cancel()
+            return
+        copied = result.experts_copied + result.experts_restored_from_host
+        self.repair.stepped(time.monotonic(), result.steps_left, copied)
+        log.info(
+            "background repair step %d: %d expert copies in %.1f ms, %d steps left",
+            self.repair.steps_taken,
+            copied,
+            result.pause_ms,
+            result.steps_left,
+        )
+        self._notify_watchers()
 
     def _notify_watchers(self, status: MeshStatus | None = None) -> None:
         """On the loop thread: every watcher gets the current status (or `status`)."""
@@ -272,13 +305,12 @@ class Runtime:
     def _emit(self, event: TokenEvent | Finished) -> None:
         with self._lock:
             self._queued_tokens.pop(event.request_id, None)  # it has left the queue
-        entry = self._live.get(event.request_id)
-        if entry is None:
+        listener = self._listeners.get(event.request_id)
+        if listener is None:
             return
-        listener = entry[0]
         if isinstance(event, Finished):
             with self._lock:
-                self._live.pop(event.request_id, None)
+                self._listeners.pop(event.request_id, None)
         try:
             listener(event)
         except Exception:  # a broken listener must not stop serving
@@ -292,6 +324,13 @@ class Runtime:
             self._stop_with(error)
         for _, future in self._commands:
             future.set_exception(RuntimeStopped("the runtime stopped"))
+
+    def _emit_step(self, events: list[TokenEvent]) -> None:
+        """A step's tokens, then a Finished for each request that ended with them."""
+        for event in events:
+            self._emit(event)
+        for request in self.engine.take_finished():
+            self._emit(Finished(request))
 
     def _stop_with(self, error: BaseException) -> None:
         """The loop cannot go on: every request ends with the reason, watchers hear STOPPED,
@@ -309,6 +348,10 @@ class Runtime:
             self._notify_watchers(status)
         except Exception:
             log.exception("could not report the final mesh status")
+        try:
+            self._emit_step(self.engine.take_events())  # what the last step had recorded
+        except Exception:
+            log.exception("could not hand out the last step's tokens")
         live = [r for r in self.engine.journal if not r.done] + inbox
         for request in live:
             if not request.done:
@@ -320,8 +363,15 @@ class Runtime:
         engine = self.engine
         while True:
             with self._lock:
-                while not (self._stopping or self._commands or self._inbox or engine.has_work()):
-                    self._lock.wait(timeout=0.5)
+                while not (
+                    self._stopping
+                    or self._commands
+                    or self._inbox
+                    or engine.has_work()
+                    or self.repair.is_due(time.monotonic())
+                ):
+                    wait = self.repair.seconds_until_due(time.monotonic())
+                    self._lock.wait(timeout=0.5 if wait is None else min(0.5, wait))
                 if self._stopping:
                     break
                 commands, self._commands = list(self._commands), collections.deque()
@@ -335,10 +385,12 @@ class Runtime:
                 if request.done:
                     continue
                 try:
-                    engine.submit(request)
+                    engine.enqueue(request)  # validated by submit()
                 except RequestError:
                     request.finish_reason = FinishReason.ABORTED
                     self._emit(Finished(request))
+            if self.repair.is_due(time.monotonic()):
+                self._repair_step()
             if engine.has_work():
                 self._step()
 
@@ -349,6 +401,7 @@ class Runtime:
             events = self.stepper.step()
         except StepFailed as failed:
             log.error("%s; %d requests ended with the error", failed, len(failed.ended))
+            self._emit_step(self.engine.take_events())  # recorded before it failed
             for request in failed.ended:
                 self._emit(Finished(request))
             if self.stepper.failed_steps >= FATAL_FAILED_STEPS:
@@ -356,11 +409,8 @@ class Runtime:
             return
         self.step_count += 1
         self.tokens_generated += len(events)
-        for event in events:
-            self._emit(event)
-            if event.finish_reason is not None:
-                request = self._live.get(event.request_id, (None, None))[1]
-                if request is not None:
-                    self._emit(Finished(request))
+        self._emit_step(events)
+        if len(self.stepper.detections) != detections:
+            self.repair.arm(time.monotonic())  # a detected loss leaves a repair to do
         if self.engine.mesh.epoch != before or len(self.stepper.detections) != detections:
             self._notify_watchers()

@@ -120,6 +120,16 @@ _non_negative_int = _int_in(0, INT32_MAX, "an integer >= 0 below 2**31")
 _seed = _int_in(0, 2**32 - 1, "a seed in [0, 2**32)")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _non_negative_int(text)
     if value > 65535:
@@ -288,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve only once the single-failure meshes are compiled (default: they compile "
         "in the background while serving)",
+    )
+    serve.add_argument(
+        "--repair-budget-mb",
+        type=_non_negative_int,
+        default=256,
+        metavar="MB",
+        help="after a loss or a rejoin, restore redundancy and balance in the background, at "
+        "most MB of expert copies per step (default 256; 0: only on `mesh rebalance`)",
+    )
+    serve.add_argument(
+        "--repair-interval",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="seconds between two background repair steps (default 1)",
     )
     serve.add_argument(
         "--drain-timeout",

@@ -158,11 +158,17 @@ def log_to_stderr() -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     console = make_console(stderr=True)
+    from elastic_moe.background_repair import RepairBudget
     from elastic_moe.runtime import Runtime
 
     engine, tokenizer = deploy(args, console)
     coordinator, futures = coordinate(engine, standby=not args.no_standby)
-    runtime = Runtime(engine, coordinator=coordinator)
+    repair = (
+        RepairBudget(args.repair_budget_mb << 20, args.repair_interval)
+        if args.repair_budget_mb
+        else None
+    )
+    runtime = Runtime(engine, coordinator=coordinator, repair_budget=repair)
     if args.wait_standby:
         wait_standby(futures, console, "standby: compiling the single-failure meshes")
         futures = []

@@ -112,6 +112,8 @@ def server():
             "--admin-port",
             "0",
             "--no-standby",  # keep the 2-core test machine for the tests
+            "--repair-budget-mb",  # the mesh tests count epochs: repairs only when asked
+            "0",
             "--drain-timeout",
             "10",
         ],
@@ -209,6 +211,8 @@ def test_help_lists_every_command_with_examples():
         ["mesh", "status", "--admin", "nohost"],
         ["mesh"],
         ["serve", "--devices", "8"],
+        ["serve", "--preset", "tiny-mixtral", "--repair-budget-mb", "-1"],
+        ["serve", "--preset", "tiny-mixtral", "--repair-interval", "0"],
         ["nonsense"],
     ],
 )
