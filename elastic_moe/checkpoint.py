@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -180,6 +181,19 @@ def save_checkpoint(
     return directory
 
 
+def _refuse_non_finite(directory: Path, tree: Any, prefix: str = "") -> None:
+    """A NaN or Inf weight makes every output NaN without a word: refused, naming the tensor.
+    Device arrays are checked where they are (no copy to the host)."""
+    for path, array in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(array, jax.Array):
+            finite = bool(jnp.isfinite(array).all())
+        else:
+            finite = bool(np.isfinite(array).all())
+        if not finite:
+            name = prefix + "/".join(str(getattr(key, "key", key)) for key in path)
+            raise CheckpointError(f"{directory}: tensor {name} holds NaN or infinite values")
+
+
 def restore_experts(
     directory: str | os.PathLike, cfg: ModelConfig, pairs: Iterable[tuple[int, int]]
 ) -> dict[tuple[int, int], ExpertWeights]:
@@ -192,6 +206,7 @@ def restore_experts(
         return {}
     item = {"experts": _expert_item(cfg, pairs)}
     restored = _restore(Path(directory), item, _numpy_restore_args(item))["experts"]
+    _refuse_non_finite(Path(directory), restored, "MoE layer/expert ")
     return {(j, e): restored[str(j)][str(e)] for j, e in pairs}
 
 
@@ -224,6 +239,7 @@ def restore_checkpoint(
             tree,
         )
     params = _int_layer_keys(_restore(directory, {"dense": dense}, {"dense": dense_args})["dense"])
+    _refuse_non_finite(directory, params)
     # A few MoE layers per orbax call (each call parses the whole tree's metadata); their
     # per-expert arrays are stacked into [num_experts, ...] and dropped before the next call.
     moe_layers = moe_layer_indices(cfg)

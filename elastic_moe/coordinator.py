@@ -9,6 +9,7 @@ expert served is refused before anything changes. Operation ids make retries har
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,10 @@ from mesh.placement import PlacementError, repair, survivors_only
 from mesh.placement_policy import placement_figures
 from mesh.transfer_plan import TransferPlan, plan_transfers
 
+# A server lives for months: what it remembers of past operations is bounded.
+HISTORY_KEPT = 1000  # the newest reconfigurations in `history`
+OP_IDS_KEPT = 4096  # the newest op ids; a retry of an older one runs again
+
 
 class Coordinator:
     def __init__(
@@ -54,8 +59,8 @@ class Coordinator:
         self.standby = standby
         self.pool: dict[int, jax.Device] = {d.id: d for d in engine.mesh.devices}
         self.states: dict[int, DeviceState] = {i: DeviceState.HEALTHY for i in self.pool}
-        self.history: list[Reconfiguration] = []
-        self._ops: dict[str, Reconfiguration] = {}
+        self.history: list[Reconfiguration] = []  # oldest first, the newest HISTORY_KEPT
+        self._ops: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         if standby:
             self.warm_standby()
 
@@ -247,6 +252,7 @@ class Coordinator:
         elapsed_ms = 1000 * (time.perf_counter() - started) - applied.poison_ms
         result.pause_ms = detect_ms + elapsed_ms
         self.history.append(result)
+        del self.history[:-HISTORY_KEPT]
         if self.standby:
             if self._standby_timer is not None:
                 self._standby_timer.cancel()
@@ -284,6 +290,8 @@ class Coordinator:
     def _remember(self, op_id: str, what: tuple, result: Reconfiguration) -> Reconfiguration:
         if op_id and not result.dry_run:
             self._ops[op_id] = (what, result)
+            while len(self._ops) > OP_IDS_KEPT:
+                self._ops.popitem(last=False)
         return result
 
     def warm_standby(self) -> None:

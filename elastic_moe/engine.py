@@ -152,6 +152,7 @@ class Engine:
         self.expert_load = np.zeros((cfg.num_moe_layers, cfg.num_experts), np.int64)
         self.steps_run = 0
         self._events: list[TokenEvent] = []  # recorded, not yet handed out
+        self._finished: list[Request] = []  # finished this step, not yet handed out
         self.in_flight_untrusted = False  # a step failed after device work had started
         # Called with a point's name ("prefill", "decode") right after that phase's program
         # ran and before its output is read: where a device failure mid-step is injected.
@@ -161,6 +162,11 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Validates and queues a request; raises RequestError for bad input."""
         request.validate(self.cfg.vocab_size, self.cfg.max_seq_len)
+        return self.enqueue(request)
+
+    def enqueue(self, request: Request) -> Request:
+        """Queues a request its caller validated already (the runtime does, at admission);
+        raises RequestError for an id that is running."""
         self.journal.add(request)
         self.waiting.append(request.request_id)
         return request
@@ -182,6 +188,7 @@ class Engine:
 
         If it raises, the tokens recorded before the error stay pending: take_events()."""
         self.in_flight_untrusted = True  # until the step's device work is done
+        self._finished = []  # nobody read them: a plain engine user has the requests anyway
         self._admit()
         self._decode()
         self.in_flight_untrusted = False
@@ -192,6 +199,12 @@ class Engine:
         """The token events recorded since the last call (a failed step's included)."""
         events, self._events = self._events, []
         return events
+
+    def take_finished(self) -> list[Request]:
+        """The requests that finished (stop token or length) since the last call; the journal
+        no longer holds them. Kept for one step only: read it after every step."""
+        finished, self._finished = self._finished, []
+        return finished
 
     def requeue_in_flight(self) -> int:
         """Every running request goes back to the front of the queue, to be re-prefilled
@@ -341,6 +354,7 @@ class Engine:
         )
         if request.done:
             self._release(request.request_id)
+            self._finished.append(request)
         self._events.append(event)
         return event
 

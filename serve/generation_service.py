@@ -102,8 +102,7 @@ def request_from_proto(message: pb.GenerateRequest, runtime: Runtime, tokenizer:
         stop_token_ids=tuple(message.stop_token_ids),
         request_id=message.request_id or f"req-{uuid.uuid4().hex}",
     )
-    request.validate(cfg.vocab_size, cfg.max_seq_len)  # ids, lengths, request_id, sampling
-    return request
+    return request  # Runtime.submit validates it (ids, lengths, request_id, sampling)
 
 
 class GenerationService(pb_grpc.GenerationServicer):

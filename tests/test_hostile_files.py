@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from elastic_moe.checkpoint import save_checkpoint
+from elastic_moe.checkpoint import restore_checkpoint, restore_experts, save_checkpoint
 from models.hf_loader import CheckpointError, load_hf
-from models.params import init_params
+from models.params import init_params, moe_layer_indices
 from models.presets import get_preset
 from models.tokenizer import load_tokenizer
 from serve.cli import main
@@ -207,3 +207,19 @@ def test_an_index_of_the_wrong_shape_is_refused(sharded):
     edit_index(sharded, lambda weights: weights.update({next(iter(weights)): 7}))
     with pytest.raises(CheckpointError, match="weight_map must map tensor names to file names"):
         load_hf(sharded, progress=False)
+
+
+def test_nan_in_a_restored_expert_is_refused_by_the_restore_itself(tmp_path):
+    """A restore after a failure reads experts straight from the checkpoint: checked there."""
+    cfg = get_preset("tiny-mixtral")
+    params = init_params(cfg, seed=0)
+    moe = moe_layer_indices(cfg)[0]
+    experts = params["layers"][moe]["mlp"]["experts"]
+    experts["w_up"] = np.array(experts["w_up"])
+    experts["w_up"][5, 0, 1] = np.inf
+    directory = save_checkpoint(tmp_path / "orbax", cfg, params)
+    assert restore_experts(directory, cfg, [(0, 4)])[(0, 4)]["w_up"].shape
+    with pytest.raises(CheckpointError, match="MoE layer/expert 0/5/w_up holds NaN or infinite"):
+        restore_experts(directory, cfg, [(0, 4), (0, 5)])
+    with pytest.raises(CheckpointError, match="holds NaN or infinite"):
+        restore_checkpoint(directory)

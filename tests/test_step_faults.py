@@ -215,6 +215,28 @@ def test_an_op_id_reused_for_another_operation_is_refused(model, devices):
     assert coordinator.rejoin([2], op_id="op-B").kind is ReconfigurationKind.REJOIN
 
 
+def test_history_and_op_ids_are_bounded(model, devices, monkeypatch):
+    """A long-lived server remembers the newest reconfigurations and op ids only."""
+    from elastic_moe import coordinator as module
+
+    monkeypatch.setattr(module, "HISTORY_KEPT", 3)
+    monkeypatch.setattr(module, "OP_IDS_KEPT", 2)
+    cfg, params = model
+    engine = Engine(cfg, params, devices[:4], OPTIONS)
+    coordinator = Coordinator(engine, standby=False)
+    results = []
+    for cycle in range(3):
+        results.append(coordinator.fail([3], op_id=f"fail-{cycle}"))
+        results.append(coordinator.rejoin([3], op_id=f"rejoin-{cycle}"))
+    assert coordinator.history == results[-3:]
+    assert coordinator.status().last is results[-1]
+    assert coordinator.rejoin([3], op_id="rejoin-2") is results[-1]  # remembered: no-op
+    assert coordinator.fail([3], op_id="fail-2") is results[-2]
+    # fail-0 was forgotten: running it again is a new operation, not the old result.
+    again = coordinator.fail([3], op_id="fail-0")
+    assert again is not results[0] and again.to_epoch == results[-1].to_epoch + 1
+
+
 def test_a_hung_device_is_found_by_the_step_deadline(model, devices, baseline):
     """A device that stops answering without making the step raise: the step overruns its
     deadline, the probes find the device, and serving moves to the survivors."""
