@@ -36,6 +36,7 @@ class FrontendEngine(Engine):
         self.expert_load = np.zeros((cfg.num_moe_layers, cfg.num_experts), np.int64)
         self.steps_run = 0
         self._events = []
+        self._finished = []
         self.in_flight_untrusted = False
         self.fault_point = None
 
