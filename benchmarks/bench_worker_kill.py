@@ -51,8 +51,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--log-dir", default=None, help="worker logs go here")
     p.add_argument(
         "--standby",
-        default="0,1",
-        help="per trial, 1: the workers compile the survivor meshes' programs ahead",
+        default=None,
+        help="per trial, 1: the workers compile the survivor meshes' programs ahead (default: 1"
+        " for every trial)",
     )
     return p.parse_args()
 
@@ -228,7 +229,9 @@ def main() -> None:
     )
     results = []
     kills = [int(k) for k in args.kill.split(",")]
-    standbys = [s == "1" for s in args.standby.split(",")]
+    standbys = [True] * len(kills)
+    if args.standby is not None:
+        standbys = [s == "1" for s in args.standby.split(",")]
     for kill, standby in zip(kills, standbys, strict=True):
         results.append(trial(args, kill, platform, standby))
     say("summary", results)
