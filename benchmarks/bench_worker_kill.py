@@ -88,7 +88,7 @@ def rate(timings: list[tuple[float, int]]) -> float:
 def trial(args, kill: int, platform: str, standby: bool) -> dict:
     from elastic_moe.distributed_service import ClusterOptions
     from elastic_moe.engine import EngineOptions
-    from elastic_moe.frontend_engine import FrontendEngine, recover_on_survivors
+    from elastic_moe.frontend_engine import frontend_engine, recover_on_survivors
     from elastic_moe.remote_mesh import RemoteMesh
     from elastic_moe.worker_pool import WorkerFailure, WorkerPool
     from models.presets import get_preset
@@ -128,7 +128,7 @@ def trial(args, kill: int, platform: str, standby: bool) -> dict:
                 f"[kill {kill}] standby compiles: {1000 * (time.perf_counter() - t_standby):.0f}"
                 f" ms, meshes {[r['meshes'] for r in replies]}"
             )
-        engine = FrontendEngine(cfg, mesh, options)
+        engine = frontend_engine(cfg, mesh, options)
 
         oracle = requests_for(args, cfg.vocab_size)
         for r in oracle:

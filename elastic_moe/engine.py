@@ -145,6 +145,24 @@ class Engine:
         if not options.host_expert_copy:
             self.host_params = without_host_experts(cfg, host_params)
         self.expert_source = ExpertSource(cfg, self.host_params, options.expert_checkpoint)
+        self._init_requests()
+
+    @classmethod
+    def around(cls, cfg: ModelConfig, mesh, options: EngineOptions = EngineOptions()) -> Engine:
+        """An engine that schedules requests over a mesh deployed elsewhere: anything with
+        ServingMesh's step interface (geometry, epoch, cache, prefill, decode, discard_cache,
+        reset_cache), e.g. elastic_moe.remote_mesh.RemoteMesh over worker processes. There is
+        no local deployment: reconfiguration (apply, verify_experts, programs_ready) runs
+        where the mesh is, and `replace_mesh` moves the requests onto a new one."""
+        engine = cls.__new__(cls)
+        engine.cfg, engine.options, engine.mesh = cfg, options, mesh
+        engine.host_params = None
+        engine.executables = None  # marks an engine without a local deployment
+        engine._init_requests()
+        return engine
+
+    def _init_requests(self) -> None:
+        cfg = self.cfg
         self.prefill_lengths_seen: set[int] = set()
         self.journal = Journal()
         self.waiting: collections.deque[str] = collections.deque()
@@ -256,6 +274,26 @@ class Engine:
         return requests
 
     # ---- reconfiguration (planned by the coordinator) -----------------------------------
+    def replace_mesh(self, mesh) -> int:
+        """Serving moves to `mesh`, deployed from scratch (a new deployment after a worker
+        process died): every running request goes back to be re-prefilled from its journal,
+        since neither the failed step nor any survivor's cache is trusted. Returns how many."""
+        running = [o for o in self.slot_owner if o is not None]
+        for request_id in reversed(running):
+            self.journal.get(request_id).reprefills += 1
+            self.waiting.appendleft(request_id)
+        self.mesh = mesh
+        self.slot_owner = [None] * mesh.geometry.num_request_slots
+        self.in_flight_untrusted = False
+        return len(running)
+
+    def _require_local_deployment(self, what: str) -> None:
+        if self.executables is None:
+            raise NotImplementedError(
+                f"{what}: this engine schedules over a mesh deployed elsewhere (Engine.around); "
+                "reconfigure it where it runs"
+            )
+
     def apply(self, change: MeshChange, *, poison_lost: bool = True) -> AppliedChange:
         """Moves serving onto the planned mesh, between two steps.
 
@@ -264,6 +302,7 @@ class Engine:
         in place, experts are copied or restored as planned and every written slot is checked
         against its expert's checksum, and the lost devices' requests are requeued.
         """
+        self._require_local_deployment("apply")
         applied = AppliedChange()
         if poison_lost and change.lost_positions:
             started = time.perf_counter()
@@ -287,11 +326,13 @@ class Engine:
     def verify_experts(self, *, repair: bool = True) -> IntegrityReport:
         """Checks every expert slot against its expert's checksum, on the devices; with
         `repair`, each wrong slot is rewritten from the host copy (or the checkpoint)."""
+        self._require_local_deployment("verify_experts")
         source = self.expert_source if repair else None
         return self.mesh.verify_experts(self.expert_checksums, source=source)
 
     def programs_ready(self, devices: Sequence[jax.Device]) -> bool:
         """Whether the programs of a mesh over `devices` are compiled already (standby)."""
+        self._require_local_deployment("programs_ready")
         return self.executables.is_warm(devices)
 
     def _switch_mesh(self, new_mesh: ServingMesh, old_positions: Sequence[int | None]) -> int:

@@ -96,7 +96,7 @@ def test_two_workers_serve_the_single_process_tokens_and_survive_a_kill(model_an
     the survivor's step fails with ProcessFailureError naming worker 1's devices, the survivor
     deploys again over its own 2 devices, every request in flight is re-prefilled from the
     journal, and every request finishes with the failure-free tokens."""
-    from elastic_moe.frontend_engine import FrontendEngine, recover_on_survivors
+    from elastic_moe.frontend_engine import frontend_engine, recover_on_survivors
     from elastic_moe.remote_mesh import RemoteMesh
     from elastic_moe.requests import Request
 
@@ -105,7 +105,7 @@ def test_two_workers_serve_the_single_process_tokens_and_survive_a_kill(model_an
     with WorkerPool(2, cpu_devices_per_worker=2, options=FAST) as pool:
         mesh = RemoteMesh.deploy(pool, PRESET, as_dict, prefill_lengths=[16])
         assert mesh.geometry == geometry and len(mesh.device_ids) == 4
-        engine = FrontendEngine(cfg, mesh, options)
+        engine = frontend_engine(cfg, mesh, options)
         served = engine.generate(PROMPTS, 12)
         assert [r.generated for r in served] == [r.generated for r in expected]
         assert [r.logprobs for r in served] == [r.logprobs for r in expected]
