@@ -22,6 +22,7 @@ from mesh.device_mesh import EXPERT_AXIS
 from mesh.sharding import BATCH, REPLICATED, named, param_specs
 from models.config import ModelConfig
 from models.kv_cache import LayerCache, cache_shapes, empty_cache
+from models.moe import NUMERICS_MODES
 from models.params import abstract_params, logical_axes, model_graph
 from models.sampling import sample
 
@@ -44,9 +45,6 @@ class StepOutput(NamedTuple):
     expert_load: Int[Array, "moe_layers experts"]
 
 
-NUMERICS_MODES = ("invariant", "fast")
-
-
 @dataclass(frozen=True)
 class StepGeometry:
     """Sizes that fix the shapes of one mesh's programs."""
@@ -56,7 +54,11 @@ class StepGeometry:
     request_slots_per_device: int
     prefill_rows_per_device: int
     max_replicas: int
-    numerics: str = "invariant"  # one of NUMERICS_MODES
+    numerics: str = "invariant"  # one of NUMERICS_MODES (models.moe)
+
+    def __post_init__(self) -> None:
+        if self.numerics not in NUMERICS_MODES:
+            raise ValueError(f"numerics must be one of {NUMERICS_MODES}, got {self.numerics!r}")
 
     @property
     def num_expert_slots(self) -> int:
@@ -71,7 +73,7 @@ class StepGeometry:
         return self.num_devices * self.prefill_rows_per_device
 
 
-def _local_forward(graphdef, cfg: ModelConfig):
+def _local_forward(graphdef, cfg: ModelConfig, numerics: str):
     def forward(params, cache, log2phy, replica_count, tokens, positions, rows, last, sampling):
         model = nnx.merge(graphdef, params)
         b, c = tokens.shape
@@ -87,6 +89,7 @@ def _local_forward(graphdef, cfg: ModelConfig):
             token_ids,
             last,
             axis_name=EXPERT_AXIS,
+            numerics=numerics,
         )
         next_tokens, logprobs = sample(logits, *sampling)
         return StepOutput(next_tokens, logprobs, logits, cache, load)
@@ -105,7 +108,7 @@ class MeshPrograms:
         self.cache_shardings = named(mesh, cache_spec)
         self.batch = NamedSharding(mesh, BATCH)
         self.replicated = NamedSharding(mesh, REPLICATED)
-        forward = _local_forward(model_graph(cfg), cfg)
+        forward = _local_forward(model_graph(cfg), cfg, geometry.numerics)
         sampling_spec = Sampling(*([BATCH] * 5))
         out_spec = StepOutput(BATCH, BATCH, BATCH, cache_spec, REPLICATED)
 
@@ -181,11 +184,15 @@ class MeshPrograms:
         with self._compile_lock:
             return self._compile_decode()
 
+    def abstract_decode_args(self) -> tuple:
+        """The decode program's arguments as shapes and shardings (to lower it)."""
+        b = self.geometry.num_request_slots
+        row = self._abstract_rows
+        return (*self._abstract_common(), row((b,)), row((b,)), self._abstract_sampling(b))
+
     def _compile_decode(self):
         if "decode" not in self._compiled:
-            b = self.geometry.num_request_slots
-            row = self._abstract_rows
-            args = (*self._abstract_common(), row((b,)), row((b,)), self._abstract_sampling(b))
+            args = self.abstract_decode_args()
             self._compiled["decode"] = self.decode.lower(*args).compile()
         return self._compiled["decode"]
 

@@ -3,8 +3,21 @@
 Expert weights are [num_slots, ...]; which logical expert a slot holds is data (the placement
 tables), so a new placement never recompiles. Under `shard_map` each device holds S local slots
 and its own tokens: tokens are all-gathered, each device runs only the (token, expert) pairs that
-land on its slots with a grouped matmul (`ragged_dot`), and a reduce-scatter returns each device
-the sum for its own tokens. Only the chosen experts are computed (dropless).
+land on its slots with a grouped matmul (models.grouped_matmul: a Pallas kernel on GPU,
+`ragged_dot` elsewhere), and the results go back to each token's device. Only the chosen
+experts are computed (dropless).
+
+Two ways back (`numerics`):
+- "fast": each device sums the scaled outputs of its pairs per token and a reduce-scatter adds
+  the devices' partial sums. The order and split of that sum follow the mesh (which experts
+  share a device), so in bf16 a token's output changes with the mesh size.
+- "invariant": each (token, k) output goes back unsummed to the token's device (all-to-all),
+  which scales and sums the k outputs in float32, in k order. A token's output is then the same
+  operations on the same numbers whatever the mesh: a failure, a rejoin or a smaller mesh
+  changes no bit. This relies on each row of the grouped matmul not depending on the other
+  rows (which rows share a device, how many there are): the GPU kernel is batch-invariant by
+  construction, and XLA's CPU ragged_dot and bf16 dots were measured to be
+  (tests/test_invariant_numerics.py checks the whole model).
 """
 
 from __future__ import annotations
@@ -17,8 +30,11 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from models.config import ModelConfig
+from models.grouped_matmul import grouped_matmul
 from models.layers import Dense, SwiGLU, dtype_of
 from models.router import route
+
+NUMERICS_MODES = ("invariant", "fast")
 
 
 class ExpertTables(NamedTuple):
@@ -44,13 +60,19 @@ def expert_parallel_ffn(
     w_up: Float[Array, "s d f"],
     w_down: Float[Array, "s f d"],
     axis_name: str | None,
+    numerics: str = "invariant",
 ) -> Float[Array, "t d"]:
     """sum_k weights[t, k] * expert_{slots[t, k]}(x[t]) for this device's tokens.
 
     `w_*` are this device's slots; with `axis_name`, slot p lives on device p // s.
+    numerics: "invariant" returns float32, summed per token in k order whatever the mesh;
+    "fast" returns x's dtype, summed across devices by a reduce-scatter (see the module doc).
     """
+    if numerics not in NUMERICS_MODES:
+        raise ValueError(f"numerics must be one of {NUMERICS_MODES}, got {numerics!r}")
     t, k = slots.shape
     s = w_gate.shape[0]
+    home_slots, home_weights = slots, weights
     if axis_name is not None:
         x_all = jax.lax.all_gather(x, axis_name, tiled=True)
         slots = jax.lax.all_gather(slots, axis_name, tiled=True)
@@ -64,14 +86,47 @@ def expert_parallel_ffn(
     order = jnp.argsort(group, stable=True)
     rows = x_all[order // k]
     group_sizes = jnp.bincount(group, length=s + 1)[:s].astype(jnp.int32)
-    gate = jax.lax.ragged_dot(rows, w_gate, group_sizes)
-    up = jax.lax.ragged_dot(rows, w_up, group_sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
+    with jax.named_scope("grouped_matmul"):
+        gate = grouped_matmul(rows, w_gate, group_sizes)
+        up = grouped_matmul(rows, w_up, group_sizes)
+        out = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
+    if numerics == "invariant":
+        with jax.named_scope("combine_invariant"):
+            pairs = jnp.zeros_like(out).at[order].set(out)  # [(devices t) k, d], pair order
+            return _combine_at_home(pairs, home_slots, home_weights, s, axis_name)
     scale = weights.reshape(-1)[order].astype(out.dtype)
     out = jnp.where(mine[order][:, None], out * scale[:, None], 0)
     y = jnp.zeros_like(out).at[order].set(out).reshape(-1, k, out.shape[-1]).sum(axis=1)
     if axis_name is not None:
         y = jax.lax.psum_scatter(y, axis_name, scatter_dimension=0, tiled=True)
+    return y
+
+
+def _combine_at_home(
+    pairs: Float[Array, "pairs d"],
+    slots: Int[Array, "t k"],
+    weights: Float[Array, "t k"],
+    slots_per_device: int,
+    axis_name: str | None,
+) -> Float[Array, "t d"]:
+    """Each of this device's (token, k) outputs, taken from the device that computed it, then
+    sum_k weights[t, k] * output[t, k] in float32, k = 0, 1, ... in turn.
+
+    pairs: every device's [devices * t * k, d] outputs in (token, k) order; rows of pairs this
+    device did not compute are never read. The all-to-all moves, and selects, but adds nothing.
+    """
+    t, k = slots.shape
+    if axis_name is not None:
+        n = jax.lax.axis_size(axis_name)
+        received = jax.lax.all_to_all(pairs, axis_name, 0, 0, tiled=True)
+        received = received.reshape(n, t * k, -1)  # [computed on device i, my pairs, d]
+        owner = slots.reshape(-1) // slots_per_device
+        pairs = received[owner, jnp.arange(t * k)]
+    outputs = pairs.reshape(t, k, -1).astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    y = weights[:, 0, None] * outputs[:, 0]
+    for i in range(1, k):  # unrolled: a fixed order, whatever XLA does with reductions
+        y = y + weights[:, i, None] * outputs[:, i]
     return y
 
 
@@ -123,21 +178,25 @@ class MoEBlock(nnx.Module):
         token_ids: Int[Array, " t"],
         valid: Bool[Array, " t"],
         axis_name: str | None,
+        numerics: str = "invariant",
     ) -> tuple[Float[Array, "t d"], Int[Array, " experts"]]:
-        """Returns the block output and how many valid tokens chose each logical expert."""
+        """Returns the block output and how many valid tokens chose each logical expert.
+
+        With "invariant" numerics the routed and shared outputs are added in float32 and
+        rounded once to x's dtype."""
         logits = x.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, experts = route(logits, self.cfg, bias)
         slots = physical_slots(experts, tables, token_ids)
         e = self.experts
         y = expert_parallel_ffn(
-            x, slots, weights, e.w_gate[...], e.w_up[...], e.w_down[...], axis_name
+            x, slots, weights, e.w_gate[...], e.w_up[...], e.w_down[...], axis_name, numerics
         )
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
                 shared = jax.nn.sigmoid(self.shared_gate(x)) * shared
-            y = y + shared
+            y = y + shared.astype(y.dtype)
         chosen = jnp.zeros((self.cfg.num_experts,), jnp.int32)
         chosen = chosen.at[experts].add(valid[:, None].astype(jnp.int32))
         if axis_name is not None:

@@ -59,11 +59,14 @@ class MoETransformer(nnx.Module):
         token_ids: Int[Array, " bc"],
         last_index: Int[Array, " b"] | None,
         axis_name: str | None = None,
+        numerics: str = "invariant",
     ) -> tuple[Float[Array, "b ..."], list[LayerCache], Int[Array, "moe_layers experts"]]:
         """Logits of token `last_index[i]` of each row ([b, vocab]; every token's, [b, c, vocab],
         when last_index is None), the updated cache and expert loads.
 
         token_ids: a global index per token, used to spread tokens over expert replicas.
+        numerics: how the MoE layers combine expert outputs (models.moe: "invariant" gives
+        every token the same bits whatever the mesh; "fast" sums across devices).
         Tokens at positions >= max_seq_len are padding: they are not cached or counted.
         """
         cfg = self.cfg
@@ -79,7 +82,9 @@ class MoETransformer(nnx.Module):
             if layer.is_moe:
                 j = i - cfg.first_dense_layers
                 tables = ExpertTables(log2phy[j], replica_count[j])
-                flat, load = layer.mlp(h.reshape(b * c, -1), tables, token_ids, valid, axis_name)
+                flat, load = layer.mlp(
+                    h.reshape(b * c, -1), tables, token_ids, valid, axis_name, numerics
+                )
                 loads.append(load)
                 h = flat.reshape(b, c, -1)
             else:
