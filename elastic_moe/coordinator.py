@@ -366,6 +366,7 @@ class Coordinator:
             placement_policy=engine.options.placement,
             max_device_load=float(figures.imbalance.max()),
             worst_single_loss_restore=worst_restore,
+            numerics=engine.options.numerics,
             active_requests=len(engine.running),
             queued_requests=len(engine.waiting),
             last=self.history[-1] if self.history else None,

@@ -126,3 +126,4 @@ class MeshStatus:
     placement_policy: str = "auto"
     max_device_load: float = 1.0  # max / mean device load by the router's observed load
     worst_single_loss_restore: int = 0  # experts per layer one device loss leaves orphaned
+    numerics: str = "invariant"  # EngineOptions.numerics: "invariant" or "fast"

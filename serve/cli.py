@@ -215,6 +215,15 @@ def _add_engine_options(parser: argparse.ArgumentParser, devices_help: str) -> N
         "second replica first (no restore after one loss, but no slot left to follow load at "
         "R = num_experts); balance is pure EPLB",
     )
+    parser.add_argument(
+        "--numerics",
+        choices=("invariant", "fast"),
+        default="invariant",
+        help="invariant (default): every token's expert outputs are summed on its own device "
+        "in a fixed order in float32, so a failure, a rejoin or a smaller mesh changes no "
+        "token, even in bf16; fast: the devices' partial sums are added by a reduce-scatter "
+        "(the order follows the mesh, so in bf16 tokens may change with it)",
+    )
 
 
 def _add_admin_options(parser: argparse.ArgumentParser) -> None:

@@ -155,6 +155,7 @@ def build_engine(
     request_slots_per_device: int,
     redundant: int,
     placement: str = "auto",
+    numerics: str = "invariant",
 ):
     """An Engine, or a one-line CliError when the model cannot be deployed on these devices."""
     from elastic_moe import Engine, EngineOptions
@@ -163,6 +164,7 @@ def build_engine(
         request_slots_per_device=request_slots_per_device,
         redundant_experts=redundant,
         placement=placement,
+        numerics=numerics,
     )
     try:
         return Engine(cfg, params, devices, options)

@@ -112,6 +112,7 @@ def status_dict(status: Any) -> dict[str, Any]:
         "placement_policy": status.placement_policy,
         "max_device_load": status.max_device_load,
         "worst_single_loss_restore": status.worst_single_loss_restore,
+        "numerics": status.numerics,
         "active_requests": status.active_requests,
         "queued_requests": status.queued_requests,
         "last": reconfiguration_dict(status.last) if status.HasField("last") else None,
@@ -150,6 +151,7 @@ def status_renderable(status: dict[str, Any]):
         f"placement {status['placement_policy']}: max/mean device load "
         f"{status['max_device_load']:.2f}, one more loss restores at most "
         f"{status['worst_single_loss_restore']} experts per layer from the host  "
+        f"numerics {status['numerics']}  "
         f"requests: {status['active_requests']} active, {status['queued_requests']} queued"
     )
     # Experts held per MoE layer; one list when every layer has the same placement.

@@ -138,6 +138,7 @@ def run_offline(args: argparse.Namespace) -> int:
                 request_slots_per_device=args.request_slots_per_device,
                 redundant=redundant,
                 placement=args.placement,
+                numerics=args.numerics,
             )
 
         engine = new_engine()

@@ -48,7 +48,8 @@ def _progress(console):
 def deploy(args: argparse.Namespace, console) -> tuple[Any, Any]:
     """(engine, tokenizer): the model loaded, placed over the devices, its programs compiled.
 
-    args needs preset, checkpoint, devices, redundant_experts, request_slots_per_device."""
+    args needs preset, checkpoint, devices, redundant_experts, request_slots_per_device,
+    placement, numerics."""
     check_model_source(args.preset, args.checkpoint)
     enable_compilation_cache()
 
@@ -74,6 +75,7 @@ def deploy(args: argparse.Namespace, console) -> tuple[Any, Any]:
             request_slots_per_device=args.request_slots_per_device,
             redundant=redundant,
             placement=args.placement,
+            numerics=args.numerics,
         )
         progress.update(task, completed=1)
 

@@ -417,6 +417,7 @@ def _run(demo: Demo, plain: bool) -> None:
         redundant_experts=None,  # = num_experts: a spare replica of every expert
         request_slots_per_device=4,
         placement="auto",
+        numerics="invariant",
     )
     engine, tokenizer = deploy(deploy_args, progress)
     cfg = engine.cfg

@@ -116,7 +116,8 @@ class GenerationService(pb_grpc.GenerationServicer):
     ):
         """admin_token: an Abort call carrying it may end any request (operators)."""
         self.runtime, self.tokenizer, self.metrics = runtime, tokenizer, metrics
-        self.info = model_info(runtime.engine.cfg, tokenizer_kind)
+        engine = runtime.engine
+        self.info = model_info(engine.cfg, tokenizer_kind, engine.options.numerics)
         self.owners = RequestOwners(admin_token)
 
     async def Generate(self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext):

@@ -90,6 +90,7 @@ def mesh_status_to_proto(s: MeshStatus) -> pb.MeshStatus:
         placement_policy=s.placement_policy,
         max_device_load=s.max_device_load,
         worst_single_loss_restore=s.worst_single_loss_restore,
+        numerics=s.numerics,
     )
     for d in s.devices:
         message.devices.append(
@@ -108,7 +109,7 @@ def mesh_status_to_proto(s: MeshStatus) -> pb.MeshStatus:
     return message
 
 
-def model_info(cfg: ModelConfig, tokenizer_kind: str) -> pb.ModelInfo:
+def model_info(cfg: ModelConfig, tokenizer_kind: str, numerics: str) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=cfg.name,
         architecture=cfg.architecture,
@@ -119,4 +120,5 @@ def model_info(cfg: ModelConfig, tokenizer_kind: str) -> pb.ModelInfo:
         max_seq_len=cfg.max_seq_len,
         num_moe_layers=cfg.num_moe_layers,
         tokenizer=tokenizer_kind,
+        numerics=numerics,
     )

@@ -213,6 +213,7 @@ def test_help_lists_every_command_with_examples():
         ["serve", "--devices", "8"],
         ["serve", "--preset", "tiny-mixtral", "--repair-budget-mb", "-1"],
         ["serve", "--preset", "tiny-mixtral", "--repair-interval", "0"],
+        ["serve", "--preset", "tiny-mixtral", "--numerics", "exact"],
         ["nonsense"],
     ],
 )
@@ -362,8 +363,10 @@ def test_mesh_status_text_and_json(server):
     assert text.returncode == 0, text.stderr
     assert "mesh epoch 0" in text.stdout and "healthy" in text.stdout
     assert "min live replicas 2" in text.stdout and "no reconfiguration yet" in text.stdout
+    assert "numerics invariant" in text.stdout
     status = json.loads(cli("mesh", "status", "--admin", server.admin, "--json").stdout)
     assert status["epoch"] == 0 and status["state"] == "SERVING"
+    assert status["numerics"] == "invariant"
     assert [d["id"] for d in status["devices"]] == list(range(8))
     assert all(d["state"] == "HEALTHY" and d["expert_slots"] == 2 for d in status["devices"])
     assert status["num_logical_experts"] == 8 and status["num_physical_slots"] == 16

@@ -106,6 +106,7 @@ def test_model_info(client, served):
     assert (info.num_experts, info.experts_per_token) == (8, 2)
     assert info.max_seq_len == served.cfg.max_seq_len
     assert info.num_layers == 2 and info.num_moe_layers == 2 and info.tokenizer == "byte"
+    assert info.numerics == "invariant"
 
 
 def test_greedy_stream_equals_engine_generate(client, served):
@@ -353,7 +354,7 @@ def test_mesh_status(client):
     status = client.mesh_status()
     assert len(status.devices) == 8 and status.num_logical_experts == 8
     assert status.num_physical_slots == 16 and status.min_live_replicas >= 2
-    assert status.state == pb.SERVING
+    assert status.state == pb.SERVING and status.numerics == "invariant"
     for device in status.devices:
         assert device.platform == "cpu" and device.expert_slots == 2
         assert len(device.experts) == 2 and all(len(layer.ids) == 2 for layer in device.experts)

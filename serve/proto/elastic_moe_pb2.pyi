@@ -146,7 +146,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "vocab_size", "num_layers", "num_experts", "experts_per_token", "max_seq_len", "num_moe_layers", "tokenizer")
+    __slots__ = ("name", "architecture", "vocab_size", "num_layers", "num_experts", "experts_per_token", "max_seq_len", "num_moe_layers", "tokenizer", "numerics")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class ModelInfo(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     NUM_MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    NUMERICS_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     vocab_size: int
@@ -165,7 +166,8 @@ class ModelInfo(_message.Message):
     max_seq_len: int
     num_moe_layers: int
     tokenizer: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., num_moe_layers: _Optional[int] = ..., tokenizer: _Optional[str] = ...) -> None: ...
+    numerics: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., num_moe_layers: _Optional[int] = ..., tokenizer: _Optional[str] = ..., numerics: _Optional[str] = ...) -> None: ...
 
 class MeshStatusRequest(_message.Message):
     __slots__ = ()
@@ -252,7 +254,7 @@ class ExpertMove(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., to_device: _Optional[int] = ..., from_device: _Optional[int] = ...) -> None: ...
 
 class MeshStatus(_message.Message):
-    __slots__ = ("epoch", "state", "devices", "num_logical_experts", "num_physical_slots", "min_live_replicas", "active_requests", "queued_requests", "last", "placement_policy", "max_device_load", "worst_single_loss_restore")
+    __slots__ = ("epoch", "state", "devices", "num_logical_experts", "num_physical_slots", "min_live_replicas", "active_requests", "queued_requests", "last", "placement_policy", "max_device_load", "worst_single_loss_restore", "numerics")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +267,7 @@ class MeshStatus(_message.Message):
     PLACEMENT_POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_DEVICE_LOAD_FIELD_NUMBER: _ClassVar[int]
     WORST_SINGLE_LOSS_RESTORE_FIELD_NUMBER: _ClassVar[int]
+    NUMERICS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     state: MeshState
     devices: _containers.RepeatedCompositeFieldContainer[Device]
@@ -277,7 +280,8 @@ class MeshStatus(_message.Message):
     placement_policy: str
     max_device_load: float
     worst_single_loss_restore: int
-    def __init__(self, epoch: _Optional[int] = ..., state: _Optional[_Union[MeshState, str]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., num_logical_experts: _Optional[int] = ..., num_physical_slots: _Optional[int] = ..., min_live_replicas: _Optional[int] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., last: _Optional[_Union[Reconfiguration, _Mapping]] = ..., placement_policy: _Optional[str] = ..., max_device_load: _Optional[float] = ..., worst_single_loss_restore: _Optional[int] = ...) -> None: ...
+    numerics: str
+    def __init__(self, epoch: _Optional[int] = ..., state: _Optional[_Union[MeshState, str]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., num_logical_experts: _Optional[int] = ..., num_physical_slots: _Optional[int] = ..., min_live_replicas: _Optional[int] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., last: _Optional[_Union[Reconfiguration, _Mapping]] = ..., placement_policy: _Optional[str] = ..., max_device_load: _Optional[float] = ..., worst_single_loss_restore: _Optional[int] = ..., numerics: _Optional[str] = ...) -> None: ...
 
 class FailDevicesRequest(_message.Message):
     __slots__ = ("device_ids", "reason", "op_id", "dry_run")
