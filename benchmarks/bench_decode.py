@@ -34,6 +34,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--variants", default="basic", choices=["basic", "all"])
     p.add_argument("--hbm-gbs", type=float, default=3000.0, help="measured HBM GB/s (H100)")
     p.add_argument("--json", default="", help="write the results here too")
+    p.add_argument(
+        "--profile-host",
+        action="store_true",
+        help="cProfile the engine steps of the first variant: where the host's time goes",
+    )
     return p.parse_args()
 
 
@@ -67,6 +72,8 @@ def main() -> int:
         del engine
         return rows
 
+    profiled: list[str] = []
+
     def measure(engine, name):
         rng = np.random.default_rng(0)
         b = engine.mesh.geometry.num_request_slots
@@ -89,11 +96,25 @@ def main() -> int:
             jax.block_until_ready(out.tokens)
             times.append(time.perf_counter() - start)
         device_ms = 1000 * float(np.median(times))
+        profiler = None
+        if args.profile_host and not profiled:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiled.append(name)
         start = time.perf_counter()
         produced = 0
+        if profiler is not None:
+            profiler.enable()
         for _ in range(args.steps):
             produced += len(engine.step())
         engine_s = time.perf_counter() - start
+        if profiler is not None:
+            import pstats
+
+            profiler.disable()
+            print(f"# host profile of {args.steps} engine steps, {name}:")
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(14)
         for rid in list(engine.running) + list(engine.waiting):
             engine.abort(rid)
         floor_ms = roofline_ms(cfg, engine, args.hbm_gbs)

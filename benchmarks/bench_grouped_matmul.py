@@ -28,6 +28,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--interpret", action="store_true", help="run the kernel interpreted (CPU)")
     p.add_argument("--quick", action="store_true", help="small shapes, checks only")
+    p.add_argument("--sweep", action="store_true", help="time tilings (block_n, block_k, warps)")
     return p.parse_args()
 
 
@@ -93,7 +94,13 @@ def main() -> int:
         if err > 2e-2 or not tail_zero or not same:
             print("CHECK FAILED", flush=True)
             return 1
+    if not args.interpret:
+        check_under_shard_map(k, n, rng)
     if args.quick:
+        return 0
+
+    if args.sweep:
+        sweep(args, k, n, rng)
         return 0
 
     # ---- timing ----
@@ -119,6 +126,91 @@ def main() -> int:
                     flush=True,
                 )
     return 0
+
+
+def check_under_shard_map(k: int, n: int, rng) -> None:
+    """The kernel inside shard_map over every device (as the model calls it) equals the kernel
+    on one device, shard by shard."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from models.grouped_matmul import grouped_matmul_kernel
+
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("d",), devices=devices)
+    rows, slots = 64, 8
+    x = jnp.asarray(rng.normal(size=(len(devices) * rows, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(len(devices) * slots, k, n)) * k**-0.5, jnp.bfloat16)
+    g = jnp.asarray([sizes_for(rng, rows, slots, 3) for _ in devices])
+    sharded = jax.jit(
+        jax.shard_map(
+            lambda x, w, g: grouped_matmul_kernel(x, w, g[0]),
+            mesh=mesh,
+            in_specs=(P("d"), P("d"), P("d")),
+            out_specs=P("d"),
+        )
+    )
+    spec = NamedSharding(mesh, P("d"))
+    got = np.asarray(sharded(*(jax.device_put(a, spec) for a in (x, w, g))))
+    same = all(
+        np.array_equal(
+            got[i * rows : (i + 1) * rows],
+            np.asarray(
+                grouped_matmul_kernel(
+                    x[i * rows : (i + 1) * rows], w[i * slots : (i + 1) * slots], g[i]
+                )
+            ),
+        )
+        for i in range(len(devices))
+    )
+    print(
+        f"check under shard_map over {len(devices)} devices: same bits as alone {same}", flush=True
+    )
+
+
+def sweep(args, k: int, n: int, rng) -> None:
+    """Kernel time per tiling at three decode shapes (slots, rows, slots with rows)."""
+    import itertools
+
+    import jax.numpy as jnp
+
+    from models.grouped_matmul import grouped_matmul_kernel
+
+    shapes = [(32, 128, 16), (128, 512, 32), (128, 512, 127)]
+    cases = []
+    for slots, rows, used in shapes:
+        w = jnp.asarray(rng.normal(size=(slots, k, n)) * k**-0.5, jnp.bfloat16)
+        x = jnp.asarray(rng.normal(size=(rows, k)), jnp.bfloat16)
+        cases.append((x, w, jnp.asarray(sizes_for(rng, rows, slots, used))))
+    print(
+        "| block_n | block_k | warps | stages | "
+        + " | ".join(f"{s}/{r}/{u} us" for s, r, u in shapes)
+        + " |"
+    )
+    print("|---|---|---|---|" + "---|" * len(shapes), flush=True)
+    for block_n, block_k, warps, stages in itertools.product(
+        (64, 128), (64, 128, 256), (4, 8), (2, 4)
+    ):
+        if n % block_n or k % block_k:
+            continue
+        times = []
+        for x, w, g in cases:
+            tiling = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
+
+            def call(x=x, w=w, g=g, tiling=tiling):
+                return grouped_matmul_kernel(x, w, g, **tiling)
+
+            try:
+                times.append(f"{1e6 * timed(call, args.iters):.0f}")
+            except Exception as error:  # a tiling Triton cannot compile (shared memory)
+                times.append(type(error).__name__)
+        print(
+            f"| {block_n} | {block_k} | {warps} | {stages} | " + " | ".join(times) + " |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

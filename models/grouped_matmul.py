@@ -12,12 +12,15 @@ split-K, one tiling for prefill and decode), so a row's result does not depend o
 share its step: the kernel is batch-invariant by construction.
 
 `grouped_matmul` picks the kernel on GPU and `jax.lax.ragged_dot` elsewhere (CPU, or shapes
-the kernel does not tile); `interpret=True` runs the kernel on any backend, for tests.
+the kernel does not tile); `interpret=True` runs the kernel on any backend, for tests. The
+environment variable ELASTIC_MOE_GROUPED_MATMUL=ragged_dot forces ragged_dot everywhere (read
+when a program is traced), for side-by-side benchmarks.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +28,11 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 BLOCK_M = 16  # rows per tile: decode sends a few rows per expert
-BLOCK_N = 64
+# Picked by `bench_grouped_matmul.py --sweep` on an H200 (RESULTS.md, 2026-11-30).
+BLOCK_N = 128
 BLOCK_K = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
 
 
 class TileSchedule:
@@ -55,7 +61,9 @@ class TileSchedule:
         self.rows = rows.astype(jnp.int32)
 
 
-def _kernel(group_ref, start_ref, rows_ref, x_ref, w_ref, out_ref, *, k: int):
+def _kernel(
+    group_ref, start_ref, rows_ref, x_ref, w_ref, out_ref, *, k: int, block_n: int, block_k: int
+):
     from jax.experimental.pallas import triton as plt
 
     tile, col = pl.program_id(0), pl.program_id(1)
@@ -65,20 +73,29 @@ def _kernel(group_ref, start_ref, rows_ref, x_ref, w_ref, out_ref, *, k: int):
     def _():
         group, start = group_ref[tile], start_ref[tile]
         row_mask = jnp.arange(BLOCK_M) < rows
-        cols = pl.ds(col * BLOCK_N, BLOCK_N)
+        cols = pl.ds(col * block_n, block_n)
 
         def body(i, acc):
-            ks = pl.ds(i * BLOCK_K, BLOCK_K)
+            ks = pl.ds(i * block_k, block_k)
             x = plt.load(x_ref.at[pl.ds(start, BLOCK_M), ks], mask=row_mask[:, None], other=0.0)
             w = plt.load(w_ref.at[group, ks, cols])
             return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, k // BLOCK_K, body, jnp.zeros((BLOCK_M, BLOCK_N), jnp.float32))
+        acc = jax.lax.fori_loop(0, k // block_k, body, jnp.zeros((BLOCK_M, block_n), jnp.float32))
         plt.store(
             out_ref.at[pl.ds(start, BLOCK_M), cols],
             acc.astype(out_ref.dtype),
             mask=row_mask[:, None],
         )
+
+
+def _like(x: jax.Array, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    """An output shape that varies over the same mesh axes as x (inside shard_map, Pallas
+    needs to be told)."""
+    mat = getattr(jax.typeof(x), "mat", None)
+    if mat is None:
+        return jax.ShapeDtypeStruct(shape, x.dtype)
+    return jax.ShapeDtypeStruct(shape, x.dtype, manual_axis_type=mat)
 
 
 def supported(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
@@ -87,27 +104,40 @@ def supported(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
     return k == k2 and k % BLOCK_K == 0 and n % BLOCK_N == 0
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+@functools.partial(
+    jax.jit, static_argnames=("interpret", "block_n", "block_k", "num_warps", "num_stages")
+)
 def grouped_matmul_kernel(
     x: Float[Array, "m k"],
     w: Float[Array, "g k n"],
     group_sizes: Int[Array, " g"],
     *,
     interpret: bool = False,
+    block_n: int = BLOCK_N,
+    block_k: int = BLOCK_K,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> Float[Array, "m n"]:
     """out[r] = x[r] @ w[group of r] for rows in a group (groups are consecutive runs of rows,
-    in order); rows after the last group are 0."""
+    in order); rows after the last group are 0. The tiling arguments are for tuning: the
+    serving path uses one fixed tiling everywhere (a row's bits depend on it)."""
     m, k = x.shape
     n = w.shape[2]
     schedule = TileSchedule(group_sizes.astype(jnp.int32), m)
     # A tile's last rows may lie past the end: Triton's masked loads and stores never touch
     # them, but the interpreter slices first (clamping the start), so it gets padding.
     pad = BLOCK_M if interpret else 0
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plt
+
+        compiler_params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
-        functools.partial(_kernel, k=k),
-        out_shape=jax.ShapeDtypeStruct((m + pad, n), x.dtype),
-        grid=(schedule.tiles_max, n // BLOCK_N),
+        functools.partial(_kernel, k=k, block_n=block_n, block_k=block_k),
+        out_shape=_like(x, (m + pad, n)),
+        grid=(schedule.tiles_max, n // block_n),
         interpret=interpret,
+        compiler_params=compiler_params,
         name="grouped_matmul",
     )(schedule.group, schedule.row_start, schedule.rows, jnp.pad(x, ((0, pad), (0, 0))), w)
     out = out[:m]
@@ -116,10 +146,23 @@ def grouped_matmul_kernel(
     return jnp.where(covered[:, None], out, 0)
 
 
+IMPLEMENTATIONS = ("auto", "ragged_dot")
+
+
+def implementation() -> str:
+    choice = os.environ.get("ELASTIC_MOE_GROUPED_MATMUL", "auto")
+    if choice not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"ELASTIC_MOE_GROUPED_MATMUL must be one of {IMPLEMENTATIONS}, got {choice!r}"
+        )
+    return choice
+
+
 def grouped_matmul(
     x: Float[Array, "m k"], w: Float[Array, "g k n"], group_sizes: Int[Array, " g"]
 ) -> Float[Array, "m n"]:
     """`jax.lax.ragged_dot(x, w, group_sizes)`, reading only the groups that have rows on GPU."""
-    if jax.default_backend() == "gpu" and supported(x.shape, w.shape):
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and implementation() == "auto" and supported(x.shape, w.shape):
         return grouped_matmul_kernel(x, w, group_sizes)
     return jax.lax.ragged_dot(x, w, group_sizes)
