@@ -323,54 +323,75 @@ class Coordinator:
         return self.engine.expert_load.astype(np.float64)
 
     def status(self) -> MeshStatus:
-        engine, mesh = self.engine, self.engine.mesh
-        placement = mesh.placement
-        s = placement.slots_per_device
-        position = {d.id: p for p, d in enumerate(mesh.devices)}
-        devices = []
-        for i, device in sorted(self.pool.items()):
-            p = position.get(i)
-            experts = (
-                [
-                    placement.phy2log[j, p * s : (p + 1) * s].tolist()
-                    for j in range(placement.num_layers)
-                ]
-                if p is not None
-                else []
-            )
-            devices.append(
-                DeviceStatus(
-                    id=i,
-                    platform=device.platform,
-                    state=self.states[i],
-                    process_index=int(device.process_index),
-                    expert_slots=s if p is not None else 0,
-                    active_requests=engine.active_on_device(p) if p is not None else 0,
-                    experts=experts,
-                )
-            )
-        min_live = int(placement.replica_count.min())
-        figures = placement_figures(placement, self.observed_load())
-        worst_restore = int(figures.worst_restore.max())
-        # Degraded: one more loss would restore more experts from the host than the
-        # placement policy allows (every expert lost with its only replica is a host restore).
-        budget = engine.options.restore_budget if engine.options.placement != "survive" else 0
-        state = MeshState.DEGRADED if worst_restore > budget else MeshState.SERVING
-        return MeshStatus(
-            epoch=mesh.epoch,
-            state=state,
-            devices=devices,
-            num_logical_experts=engine.cfg.num_experts,
-            num_physical_slots=placement.num_slots,
-            min_live_replicas=min_live,
-            placement_policy=engine.options.placement,
-            max_device_load=float(figures.imbalance.max()),
-            worst_single_loss_restore=worst_restore,
-            numerics=engine.options.numerics,
-            active_requests=len(engine.running),
-            queued_requests=len(engine.waiting),
-            last=self.history[-1] if self.history else None,
+        mesh = self.engine.mesh
+        return mesh_status(
+            self.engine,
+            mesh.placement,
+            [d.id for d in mesh.devices],
+            [(i, d.platform, int(d.process_index)) for i, d in sorted(self.pool.items())],
+            self.states,
+            self.history[-1] if self.history else None,
         )
+
+
+def mesh_status(
+    engine: Engine,
+    placement,
+    serving_ids: Sequence[int],
+    known: Sequence[tuple[int, str, int]],
+    states: dict[int, DeviceState],
+    last: Reconfiguration | None,
+) -> MeshStatus:
+    """The mesh as the faces report it. placement: the serving mesh's mesh.placement.Placement;
+    serving_ids: its device ids in mesh order; known: (id, platform, process index) of every
+    device of the deployment, serving or not; states: each known device's state."""
+    s = placement.slots_per_device
+    position = {i: p for p, i in enumerate(serving_ids)}
+    devices = []
+    for i, platform, process_index in known:
+        p = position.get(i)
+        experts = (
+            [
+                placement.phy2log[j, p * s : (p + 1) * s].tolist()
+                for j in range(placement.num_layers)
+            ]
+            if p is not None
+            else []
+        )
+        devices.append(
+            DeviceStatus(
+                id=i,
+                platform=platform,
+                state=states[i],
+                process_index=process_index,
+                expert_slots=s if p is not None else 0,
+                active_requests=engine.active_on_device(p) if p is not None else 0,
+                experts=experts,
+            )
+        )
+    load = engine.expert_load.astype(np.float64)
+    min_live = int(placement.replica_count.min())
+    figures = placement_figures(placement, load)
+    worst_restore = int(figures.worst_restore.max())
+    # Degraded: one more loss would restore more experts from the host than the
+    # placement policy allows (every expert lost with its only replica is a host restore).
+    budget = engine.options.restore_budget if engine.options.placement != "survive" else 0
+    state = MeshState.DEGRADED if worst_restore > budget else MeshState.SERVING
+    return MeshStatus(
+        epoch=engine.mesh.epoch,
+        state=state,
+        devices=devices,
+        num_logical_experts=engine.cfg.num_experts,
+        num_physical_slots=placement.num_slots,
+        min_live_replicas=min_live,
+        placement_policy=engine.options.placement,
+        max_device_load=float(figures.imbalance.max()),
+        worst_single_loss_restore=worst_restore,
+        numerics=engine.options.numerics,
+        active_requests=len(engine.running),
+        queued_requests=len(engine.waiting),
+        last=last,
+    )
 
 
 def _moves(

@@ -53,6 +53,7 @@ class RemoteMesh:
         self.step_timeout_s = step_timeout_s
         self._compiled_lengths: set[int] = set()
         self._has_cache = True
+        self.placement = None  # mesh.placement.Placement, set by deploy
         self.last_step_ms: list[float] = []  # each worker's time in the last step
 
     @classmethod
@@ -83,6 +84,7 @@ class RemoteMesh:
             pool, StepGeometry(**replies[0]["geometry"]), replies[0]["device_ids"], epoch=epoch
         )
         mesh._compiled_lengths.update(int(n) for n in prefill_lengths)
+        mesh.placement = replies[0]["placement"]  # where the experts are (the same in all)
         mesh.deploy_replies = replies
         return mesh
 

@@ -34,6 +34,7 @@ from elastic_moe.reconfiguration import (
     ReconfigurationKind,
 )
 from elastic_moe.requests import FinishReason, Request, RequestError
+from elastic_moe.worker_mode import WorkerCoordinator, WorkerStepper
 
 log = logging.getLogger("elastic_moe.runtime")
 FATAL_FAILED_STEPS = 4  # consecutive failed steps (no device to blame) that stop the runtime
@@ -72,18 +73,24 @@ class Runtime:
         self,
         engine: Engine,
         *,
-        coordinator: Coordinator | None = None,
+        coordinator: Coordinator | WorkerCoordinator | None = None,
         injector: FaultInjector | None = None,
         max_queued_requests: int = 256,
         max_queued_tokens: int = 1 << 16,
         repair_budget: RepairBudget | None = None,
+        stepper: GuardedStepper | WorkerStepper | None = None,
     ):
         """repair_budget: after a loss or a rejoin, restore redundancy and balance in the
-        background, that many bytes of expert copies per interval (None: only when asked)."""
+        background, that many bytes of expert copies per interval (None: only when asked).
+
+        Worker mode (docs/WORKERS.md) passes its own coordinator and stepper
+        (elastic_moe.worker_mode: WorkerCoordinator, WorkerStepper), which have the same
+        methods as Coordinator and GuardedStepper that the loop calls; the single-process
+        default builds both around the engine."""
         self.engine = engine
         self.coordinator = coordinator or Coordinator(engine)
         self.injector = injector or FaultInjector()
-        self.stepper = GuardedStepper(self.coordinator, self.injector)
+        self.stepper = stepper or GuardedStepper(self.coordinator, self.injector)
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
         self._lock = threading.Condition()

@@ -14,7 +14,8 @@ the key): step inputs are a few small numpy arrays, only `serve` speaks gRPC in 
 a killed worker's socket is closed by its kernel, so the frontend sees the death at once (EOF).
 
 Messages, frontend -> worker, each answered by one reply:
-  ("deploy", {"model", "options", "device_ids", "prefill_lengths"}) -> ("ok", {"geometry", ...})
+  ("deploy", {"model", "options", "device_ids", "prefill_lengths"})
+                                            -> ("ok", {"geometry", "placement", "device_ids", ...})
   ("compile", {"prefill_lengths"})                                   -> ("ok", {"compile_ms"})
   ("standby", {"prefill_lengths"})                    -> ("ok", {"compile_ms", "meshes"})
   ("prefill", (tokens, positions, rows, last, sampling))             -> ("ok", rows) | ("failed")
@@ -47,11 +48,15 @@ AUTHKEY_ENV = "ELASTIC_MOE_WORKER_AUTHKEY"
 def step_geometry(cfg, num_devices: int, options):
     """The StepGeometry the single-process Engine builds for `num_devices` with `options`.
 
-    (The same formulas as Engine.__init__; tests/test_workers.py checks that they agree.)"""
+    (The same formulas as Engine.__init__; tests/test_workers.py checks that they agree.) A
+    deployment over fewer devices (the survivors of a dead worker) is a fresh one with this
+    geometry for its own device count; the redundant slots it cannot use (an expert has at most
+    one replica per device) are left out, so one survivor holds each expert once."""
     from elastic_moe.serving_mesh import expert_slots_per_device
     from elastic_moe.steps import StepGeometry
 
-    slots = expert_slots_per_device(cfg, num_devices, options.redundant_experts)
+    redundant = min(options.redundant_experts, cfg.num_experts * (num_devices - 1))
+    slots = expert_slots_per_device(cfg, num_devices, redundant)
     max_replicas = max(1, min(num_devices, num_devices * slots - cfg.num_experts + 1))
     return StepGeometry(
         num_devices=num_devices,
@@ -140,9 +145,9 @@ class Worker:
         _, cfg, host_params = self._model
         engine_options = EngineOptions(**options)
         devices = sorted(jax.devices(), key=lambda d: d.id)
-        if device_ids is not None:
-            wanted = set(device_ids)
-            devices = [d for d in devices if d.id in wanted]
+        if device_ids is not None:  # in the order given (it is the mesh's order)
+            by_id = {d.id: d for d in devices}
+            devices = [by_id[i] for i in device_ids]
         self.mesh = None  # the old epoch's buffers go before the new ones are built
         key = (model, tuple(sorted(options.items())))
         if key not in self._programs:  # kept across deploys: standby programs are found here
@@ -150,6 +155,7 @@ class Worker:
                 cfg, lambda n: step_geometry(cfg, n, engine_options)
             )
         programs = self._programs[key]
+        standby_hit = programs.is_warm(devices)  # compiled ahead (standby) or used before
         self.mesh = ServingMesh.create(
             cfg,
             host_params,
@@ -163,9 +169,11 @@ class Worker:
         compile_ms = self.compile(prefill_lengths)["compile_ms"]
         return {
             "geometry": dataclasses.asdict(self.mesh.geometry),
+            "placement": self.mesh.placement,  # for the frontend's mesh status
             "device_ids": [d.id for d in devices],
             "deploy_ms": 1000 * (time.perf_counter() - started),
             "compile_ms": compile_ms,
+            "standby_hit": standby_hit,
         }
 
     def compile(self, prefill_lengths: Sequence[int]) -> dict:

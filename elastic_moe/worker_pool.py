@@ -98,68 +98,90 @@ class WorkerPool:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        host, port = self._listener.address
+        self._env, self._log_dir = env, log_dir
+        self._accepted: queue.Queue = queue.Queue()
+        threading.Thread(target=self._accept_forever, daemon=True, name="worker-accept").start()
         for i in range(num_workers):
-            command = [
-                sys.executable,
-                "-m",
-                "elastic_moe.worker",
-                f"--coordinator={self.service.address()}",
-                f"--num-workers={num_workers}",
-                f"--process-id={i}",
-                f"--frontend={host}:{port}",
-                f"--platform={platform}",
-                f"--heartbeat-timeout={options.heartbeat_timeout_s}",
-                f"--shutdown-timeout={options.shutdown_timeout_s}",
-                f"--init-timeout={options.init_timeout_s}",
-                f"--collective-timeout={options.collective_timeout_s}",
-            ]
-            if platform == "gpu":
-                command.append(f"--local-device-ids={i}")
-            out = subprocess.DEVNULL
-            if log_dir is not None:
-                out = open(os.path.join(log_dir, f"worker{i}.log"), "wb")
-            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-            if log_dir is not None:
-                out.close()  # the worker holds its own copy
-            self.workers.append(WorkerHandle(i, process))
+            self.workers.append(WorkerHandle(i, self._spawn(i)))
         try:
-            self._accept_all(start_timeout_s)
+            self._wait_for_hellos(list(range(num_workers)), start_timeout_s)
         except BaseException:
             self.close()
             raise
 
-    def _accept_all(self, timeout_s: float) -> None:
-        accepted: queue.Queue = queue.Queue()
+    def _spawn(self, i: int) -> subprocess.Popen:
+        options, (host, port) = self.options, self._listener.address
+        command = [
+            sys.executable,
+            "-m",
+            "elastic_moe.worker",
+            f"--coordinator={self.service.address()}",
+            f"--num-workers={self.num_workers}",
+            f"--process-id={i}",
+            f"--frontend={host}:{port}",
+            f"--platform={self.platform}",
+            f"--heartbeat-timeout={options.heartbeat_timeout_s}",
+            f"--shutdown-timeout={options.shutdown_timeout_s}",
+            f"--init-timeout={options.init_timeout_s}",
+            f"--collective-timeout={options.collective_timeout_s}",
+        ]
+        if self.platform == "gpu":
+            command.append(f"--local-device-ids={i}")
+        out = subprocess.DEVNULL
+        if self._log_dir is not None:  # appended: a restarted worker's log follows the last
+            out = open(os.path.join(self._log_dir, f"worker{i}.log"), "ab")
+        process = subprocess.Popen(command, env=self._env, stdout=out, stderr=subprocess.STDOUT)
+        if self._log_dir is not None:
+            out.close()  # the worker holds its own copy
+        return process
 
-        def accept() -> None:
-            for _ in range(self.num_workers):
-                try:
-                    accepted.put(self._listener.accept())
-                except OSError:
-                    return
-
-        threading.Thread(target=accept, daemon=True, name="worker-accept").start()
-        deadline = time.monotonic() + timeout_s
-        pending = self.num_workers
-        while pending:
-            for w in self.workers:
-                if w.process.poll() is not None:
-                    raise RuntimeError(
-                        f"worker {w.process_id} exited with {w.process.returncode} at start-up"
-                    )
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{pending} worker(s) did not connect in {timeout_s:.0f} s")
+    def _accept_forever(self) -> None:
+        """Accepts every channel a worker opens (at start-up, and a restarted worker's)."""
+        while True:
             try:
-                conn = accepted.get(timeout=0.2)
+                conn = self._listener.accept()
+            except OSError:
+                return  # the listener was closed
+            except Exception:  # a stranger that failed the key's challenge
+                continue
+            self._accepted.put(conn)
+
+    def _wait_for_hellos(self, process_ids: list[int], timeout_s: float) -> None:
+        """Waits until each of these workers has connected and said hello."""
+        deadline = time.monotonic() + timeout_s
+        pending = set(process_ids)
+        while pending:
+            for i in pending:
+                w = self.workers[i]
+                if w.process.poll() is not None:
+                    raise RuntimeError(f"worker {i} exited with {w.process.returncode} at start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} worker(s) did not connect in {timeout_s:.0f} s")
+            try:
+                conn = self._accepted.get(timeout=0.2)
             except queue.Empty:
                 continue
             kind, hello = conn.recv()
             if kind != "hello":
                 raise RuntimeError(f"a worker opened with {kind!r}, not hello")
             handle = self.workers[hello["process_id"]]
+            if handle.conn is not None:
+                handle.conn.close()
             handle.conn, handle.device_ids, handle.hello = conn, hello["device_ids"], hello
-            pending -= 1
+            handle.alive = True
+            pending.discard(hello["process_id"])
+
+    def restart(self, process_id: int, *, timeout_s: float = 180.0) -> WorkerHandle:
+        """Starts a dead worker again: the same process id, a new process (a new incarnation
+        in the coordination service), connected to this frontend. It holds no mesh until the
+        next "deploy" that includes its devices."""
+        w = self.workers[process_id]
+        if w.alive and w.process.poll() is None:
+            raise RuntimeError(f"worker {process_id} is alive")
+        w.alive = False
+        w.process = self._spawn(process_id)
+        self._wait_for_hellos([process_id], timeout_s)
+        return w
 
     # ---- driving the workers ------------------------------------------------------------
     @property

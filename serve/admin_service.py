@@ -29,6 +29,7 @@ from serve.status_convert import (
 MAX_DEVICE_IDS = 4096
 MAX_REASON_CHARS = 1024
 MAX_OP_ID_CHARS = 256
+MAX_ERROR_CHARS = 2000  # of an error's message in a status (a worker's traceback is longer)
 
 
 def check_sizes(message) -> None:
@@ -84,6 +85,8 @@ class AdminService(pb_grpc.AdminServicer):
             message = str(error) or type(error).__name__
             if code is grpc.StatusCode.INTERNAL:
                 message = f"{type(error).__name__}: {message}"
+            if len(message) > MAX_ERROR_CHARS:  # gRPC refuses trailers over 8 KiB in all
+                message = message[: MAX_ERROR_CHARS - 30] + " ... (cut; see the server log)"
             await context.abort(code, message)
 
     async def _status(self) -> MeshStatus:

@@ -36,6 +36,8 @@ examples:
   elastic-moe serve --preset tiny-fables --devices 8
   elastic-moe serve --checkpoint ./Mixtral-8x7B-v0.1 --port 50051 --admin-port 50052
   elastic-moe serve --preset tiny-mixtral --port 0 --admin-port 0     (any free ports)
+  elastic-moe serve --preset tiny-mixtral --workers auto              (one process per GPU)
+  elastic-moe serve --preset tiny-mixtral --workers 2 --devices 4     (CPU: 2 devices each)
 The server is ready once it prints, on stdout (one JSON object with --json):
   serving generation on 127.0.0.1:PORT, admin on 127.0.0.1:PORT
 (progress goes to stderr). Port 0 picks a free port; --metrics-port 0 leaves metrics off.
@@ -226,6 +228,62 @@ def _add_engine_options(parser: argparse.ArgumentParser, devices_help: str) -> N
     )
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    return _int_in(1, 1024, "a number of workers (1 to 1024) or auto")(text)
+
+
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "worker processes (docs/WORKERS.md)",
+        "With --workers this process is the frontend: it owns no accelerator, hosts JAX's "
+        "coordination service and every request, and starts N worker processes (one per GPU, "
+        "or on CPU --devices/N simulated devices each); a worker killed with kill -9 is "
+        "survived by the others.",
+    )
+    group.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="serve through N worker processes under jax.distributed; auto: one per visible "
+        "GPU (default: one process drives every device)",
+    )
+    group.add_argument(
+        "--worker-platform",
+        choices=("cpu", "gpu"),
+        help="what the workers run on (default: gpu when this host has one, else cpu)",
+    )
+    group.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_int,
+        default=2,
+        metavar="S",
+        help="a worker silent for S s is declared dead (default 2; detection takes about S)",
+    )
+    group.add_argument(
+        "--collective-timeout",
+        type=_positive_int,
+        default=10,
+        metavar="S",
+        help="CPU workers: the bound on one collective with a dead peer (default 10)",
+    )
+    group.add_argument(
+        "--step-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="a worker that does not answer a step within S s is killed (default 60)",
+    )
+    group.add_argument(
+        "--auto-rejoin",
+        action="store_true",
+        help="restart a dead worker at once and bring its devices back when it has connected "
+        "(default: `elastic-moe mesh rejoin` does)",
+    )
+    group.add_argument("--worker-logs", metavar="DIR", help="write each worker's output here")
+
+
 def _add_admin_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin",
@@ -331,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/Ctrl-C, how long running requests may take to finish (default 30)",
     )
     serve.add_argument("--json", action="store_true", help="print the bound addresses as JSON")
+    _add_worker_options(serve)
 
     # ---- generate -----------------------------------------------------------------------
     gen = commands.add_parser(
@@ -571,6 +630,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                 )
     if args.command == "serve" and (args.tls_cert is None) != (args.tls_key is None):
         command.error("--tls-cert and --tls-key go together")
+    if args.command == "serve" and args.workers is None:
+        for flag in ("worker_platform", "auto_rejoin", "worker_logs"):
+            if getattr(args, flag):
+                command.error(f"--{flag.replace('_', '-')} goes with --workers")
 
 
 def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -592,7 +655,10 @@ def _version() -> str:
 
 def _run(args: argparse.Namespace) -> int:
     # Simulated CPU devices must be configured before anything imports jax.
-    if args.command in ("serve", "demo") or (args.command == "generate" and not args.server):
+    if args.command == "serve" and args.workers is not None:
+        # The frontend of worker processes owns no accelerator (its JAX stays on the CPU).
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    elif args.command in ("serve", "demo") or (args.command == "generate" and not args.server):
         simulate_devices(args.devices)
     if args.command == "serve":
         from serve.cli_serve import run_serve

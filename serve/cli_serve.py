@@ -160,6 +160,8 @@ def log_to_stderr() -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     console = make_console(stderr=True)
+    if args.workers is not None:
+        return _run_serve_workers(args, console)
     from elastic_moe.background_repair import RepairBudget
     from elastic_moe.runtime import Runtime
 
@@ -180,6 +182,25 @@ def run_serve(args: argparse.Namespace) -> int:
         return asyncio.run(_serve(runtime, tokenizer, args, futures))
     finally:
         runtime.stop()
+
+
+def _run_serve_workers(args: argparse.Namespace, console) -> int:
+    """serve --workers: the frontend of worker processes (serve/cli_workers.py)."""
+    from serve.cli_workers import deploy_workers
+
+    enable_compilation_cache()
+    runtime, tokenizer, pool = deploy_workers(args, console, _progress)
+    if args.repair_budget_mb:
+        _note("worker mode: no background repair (each recovery is a fresh deployment)")
+    log_to_stderr()
+    try:
+        runtime.start()
+        try:
+            return asyncio.run(_serve(runtime, tokenizer, args, []))
+        finally:
+            runtime.stop()
+    finally:
+        pool.close()
 
 
 async def _serve(runtime, tokenizer, args: argparse.Namespace, futures: list[Future]) -> int:
