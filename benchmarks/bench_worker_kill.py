@@ -17,13 +17,29 @@ and SIGKILLs one worker mid-stream, then prints, each line as soon as it is know
   tok/s before / after, from the decode steps' times
 One trial per --kill entry (with the --standby entry of the same place), each on a fresh
 cluster.
+
+  PYTHONPATH=. python benchmarks/bench_worker_kill.py --grpc --workers 2                 # GPU
+  PYTHONPATH=. python benchmarks/bench_worker_kill.py --grpc --workers 2 --cpu-devices 1 # CPU
+
+--grpc goes through the server instead: it starts `elastic-moe serve --workers N` (the frontend,
+its runtime loop and the gRPC services), streams the load through serve.client, SIGKILLs one
+worker mid-stream, and prints, from the client's side (token arrival times) and the server's log:
+  detect_ms         kill -> the survivors' ProcessFailureError (eof_ms: the channel's close)
+  pause_ms          the last token of any stream on the old mesh -> the first on the new one
+  first_token_ms    kill -> the first token on the new mesh
+  lost, equal       streams that did not finish; outputs equal to the failure-free round
+  tok/s before / after, from the streams' arrival times
+then asks `mesh rejoin` for the dead worker's devices and prints what happened (rejoin_ms, or the
+error) and, when it rejoined, whether a third round is unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import os
+import re
 import signal
 import sys
 import time
@@ -49,6 +65,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--kill-after-steps", type=int, default=8)
     p.add_argument("--step-timeout", type=float, default=30.0)
     p.add_argument("--log-dir", default=None, help="worker logs go here")
+    p.add_argument("--grpc", action="store_true", help="through `elastic-moe serve --workers`")
+    p.add_argument("--no-rejoin", action="store_true", help="--grpc: skip the rejoin")
     p.add_argument(
         "--standby",
         default=None,
@@ -216,11 +234,253 @@ def trial(args, kill: int, platform: str, standby: bool) -> dict:
         pool.close()
 
 
+# ---- --grpc: through `elastic-moe serve --workers N` ----------------------------------------
+SERVING = re.compile(r"serving generation on 127\.0\.0\.1:(\d+), admin on 127\.0\.0\.1:(\d+)")
+SEEN_AT = re.compile(r"channel closed (\S+), survivors' failure (\{.*\})")
+
+
+def worker_pid(serve_pid: int, process_id: int) -> int:
+    """The pid of worker `process_id` among the serve process's children (Linux /proc)."""
+    for task in os.listdir(f"/proc/{serve_pid}/task"):
+        with open(f"/proc/{serve_pid}/task/{task}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        for child in children:
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"elastic_moe.worker" in argv and f"--process-id={process_id}".encode() in argv:
+                return child
+    raise LookupError(f"no worker {process_id} under process {serve_pid}")
+
+
+def stream_round(client, args, vocab: int, on_progress=None) -> list[dict]:
+    """Streams the load at once; each stream's tokens, epochs and arrival times (time.time()).
+    on_progress(streams) runs in this thread each time a stream gets a token, until it returns
+    True."""
+    import queue
+    import threading
+
+    streams = []
+    for i in range(args.requests):
+        prompt = [(7 * i + 3 * j + 1) % vocab for j in range(3 + i % 5)]
+        sampling = {} if i % 2 == 0 else {"temperature": 0.8, "seed": i}
+        streams.append(
+            {
+                "prompt": prompt,
+                "sampling": sampling,
+                "tokens": [],
+                "epochs": [],
+                "times": [],
+                "finish": "",
+                "error": None,
+            }
+        )
+    ticks: queue.Queue = queue.Queue()
+
+    def run(s) -> None:
+        try:
+            for response in client.generate_stream(s["prompt"], args.max_tokens, **s["sampling"]):
+                if response.HasField("chunk"):
+                    now = time.time()
+                    for token in response.chunk.token_ids:
+                        s["tokens"].append(token)
+                        s["epochs"].append(response.chunk.mesh_epoch)
+                        s["times"].append(now)
+                    ticks.put(1)
+                elif response.HasField("complete"):
+                    s["finish"] = response.complete.finish_reason
+        except Exception as error:  # counted as lost
+            s["error"] = str(error)[:300]
+        ticks.put(None)
+
+    threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    ended, watching = 0, on_progress is not None
+    while ended < len(streams):
+        if ticks.get() is None:
+            ended += 1
+        if watching and on_progress(streams):
+            watching = False
+    for t in threads:
+        t.join()
+    return streams
+
+
+def arrival_rate(streams, start: float, end: float) -> float:
+    n = sum(start <= t <= end for s in streams for t in s["times"])
+    return n / (end - start) if end > start else float("nan")
+
+
+def trial_grpc(args, kill: int, platform: str, standby: bool) -> dict:
+    import subprocess
+    import threading
+
+    from models.presets import get_preset
+    from serve.client import Client
+    from serve.proto import elastic_moe_pb2 as pb
+
+    vocab = get_preset(args.preset).vocab_size
+    command = [sys.executable, "-m", "elastic_moe", "serve", "--preset", args.preset]
+    command += ["--workers", str(args.workers), "--worker-platform", platform]
+    if platform == "cpu":
+        command += ["--devices", str(args.workers * args.cpu_devices)]
+    command += ["--port", "0", "--admin-port", "0", "--drain-timeout", "5"]
+    command += ["--heartbeat-timeout", str(args.heartbeat)]
+    command += ["--collective-timeout", str(args.collective_timeout)]
+    command += ["--step-timeout", str(args.step_timeout)]
+    if not standby:
+        command.append("--no-standby")
+    if args.log_dir:
+        command += ["--worker-logs", args.log_dir]
+    env = dict(os.environ)
+    env.pop("JAX_PLATFORMS", None)  # serve --workers keeps its own on the CPU
+    root = os.path.dirname(HERE)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root
+    )
+    log: list[str] = []
+    threading.Thread(target=lambda: [log.append(x) for x in server.stderr], daemon=True).start()
+    result: dict = {"kill": kill, "standby": standby, "grpc": True}
+    try:
+        first = server.stdout.readline()
+        found = SERVING.search(first)
+        if not found:
+            server.wait(timeout=30)
+            say("".join(log[-40:]))
+            raise RuntimeError(f"serve did not start: {first!r}")
+        port, admin = found.groups()
+        say(
+            f"[kill {kill}] serve --workers {args.workers} up in "
+            f"{time.perf_counter() - t0:.1f} s (start, deploy, compiles)"
+        )
+        with Client(f"127.0.0.1:{port}", admin_target=f"127.0.0.1:{admin}", timeout=600) as c:
+            status = c.mesh_status()
+            lost_ids = [d.id for d in status.devices if d.process_index == kill]
+            clean = stream_round(c, args, vocab)
+            t_clean = [t for s in clean for t in s["times"]]
+            say(
+                f"[kill {kill}] failure-free: {len(clean)} streams, "
+                f"{arrival_rate(clean, min(t_clean), max(t_clean)):.0f} tok/s"
+            )
+            victim = worker_pid(server.pid, kill)
+            killed_at: list[float] = []
+
+            def kill_when_streaming(streams) -> bool:
+                if min(len(s["tokens"]) for s in streams) < args.kill_after_steps:
+                    return False
+                os.kill(victim, signal.SIGKILL)
+                killed_at.append(time.time())
+                return True
+
+            served = stream_round(c, args, vocab, kill_when_streaming)
+            k = killed_at[0]
+            new = [t for s in served for t, e in zip(s["times"], s["epochs"], strict=True) if e > 0]
+            old = [
+                t for s in served for t, e in zip(s["times"], s["epochs"], strict=True) if e == 0
+            ]
+            first_new = min(new) if new else float("nan")
+            seen = [SEEN_AT.search(x) for x in log]
+            seen = [m for m in seen if m]
+            if seen:
+                eof, survivors = seen[-1].group(1), ast.literal_eval(seen[-1].group(2))
+                result["eof_ms"] = None if eof == "none" else round(1000 * (float(eof) - k), 1)
+                result["detect_ms"] = {i: round(1000 * (t - k), 1) for i, t in survivors.items()}
+            result["pause_ms"] = round(1000 * (first_new - max(old)), 1) if old else None
+            result["first_token_ms"] = round(1000 * (first_new - k), 1)
+            result["lost"] = sum(s["error"] is not None or s["finish"] != pb.LENGTH for s in served)
+            pairs = list(zip(clean, served, strict=True))
+            result["equal_greedy"] = all(
+                a["tokens"] == b["tokens"] for a, b in pairs if not a["sampling"]
+            )
+            result["equal_seeded"] = all(
+                a["tokens"] == b["tokens"] for a, b in pairs if a["sampling"]
+            )
+            result["reprefilled"] = sum(len(set(s["epochs"])) > 1 for s in served)
+            result["tok_s_before"] = round(arrival_rate(served, min(old), k), 0) if old else None
+            end = max(t for s in served for t in s["times"])
+            result["tok_s_after"] = round(arrival_rate(served, first_new, end), 0)
+            status = c.mesh_status()
+            result["failed_devices"] = [d.id for d in status.devices if d.state == pb.FAILED]
+            result["server_pause_ms"] = round(status.last.pause_ms, 1)
+            say(
+                f"[kill {kill}] "
+                + "  ".join(
+                    f"{n} {result.get(n)}"
+                    for n in (
+                        "eof_ms",
+                        "detect_ms",
+                        "pause_ms",
+                        "first_token_ms",
+                        "lost",
+                        "equal_greedy",
+                        "equal_seeded",
+                        "reprefilled",
+                        "tok_s_before",
+                        "tok_s_after",
+                        "failed_devices",
+                        "server_pause_ms",
+                    )
+                )
+            )
+            if not args.no_rejoin:
+                t_rejoin = time.perf_counter()
+                try:
+                    reply = c.rejoin(lost_ids)
+                    result["rejoin_ms"] = round(1000 * (time.perf_counter() - t_rejoin), 0)
+                    result["rejoin_epoch"] = reply.to_epoch
+                    again = stream_round(c, args, vocab)
+                    result["rejoin_equal"] = all(
+                        a["tokens"] == b["tokens"] for a, b in zip(clean, again, strict=True)
+                    )
+                    result["rejoin_lost"] = sum(s["finish"] != pb.LENGTH for s in again)
+                except Exception as error:
+                    details = error.details() if hasattr(error, "details") else str(error)
+                    result["rejoin_ms"] = round(1000 * (time.perf_counter() - t_rejoin), 0)
+                    result["rejoin_error"] = details[:400]
+                    after = stream_round(c, args, vocab)
+                    result["after_failed_rejoin_equal"] = all(
+                        a["tokens"] == b["tokens"] for a, b in zip(clean, after, strict=True)
+                    )
+                say(
+                    f"[kill {kill}] rejoin: "
+                    + "  ".join(
+                        f"{n} {result[n]}" for n in result if n.startswith(("rejoin", "after_"))
+                    )
+                )
+        return result
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def main() -> None:
     args = parse()
     platform = "cpu" if args.cpu_devices or not has_gpu() else "gpu"
     if platform == "cpu" and not args.cpu_devices:
         args.cpu_devices = 1
+    if args.grpc:
+        results = []
+        kills = [int(k) for k in args.kill.split(",")]
+        standbys = [True] * len(kills)
+        if args.standby is not None:
+            standbys = [s == "1" for s in args.standby.split(",")]
+        say(
+            f"platform {platform}, {args.workers} workers through gRPC, preset {args.preset}, "
+            f"heartbeat {args.heartbeat} s"
+        )
+        for kill, standby in zip(kills, standbys, strict=True):
+            results.append(trial_grpc(args, kill, platform, standby))
+        say("summary", results)
+        return
     import jax
 
     say(

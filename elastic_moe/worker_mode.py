@@ -18,6 +18,7 @@ refused; a rejoin restarts the dead worker's process first when it is not runnin
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -93,6 +94,12 @@ class WorkerCoordinator:
             self.states[d] = DeviceState.FAILED
         cause = f"fail {lost}: worker(s) {failure.dead} lost ({failure.reason})"
         log.warning("%s; deploying again over the survivors", cause)
+        # Wall-clock times (one host: the same clock as a benchmark's kill), for measurement.
+        log.info(
+            "worker failure seen at (unix time): channel closed %s, survivors' failure %s",
+            "none" if failure.eof_at is None else f"{failure.eof_at:.3f}",
+            {i: round(t, 3) for i, t in failure.survivor_detected_at.items()},
+        )
         result = self._redeploy(ReconfigurationKind.DETECTED, cause, detect_ms)
         if self.auto_rejoin:
             for process_id in failure.dead:
@@ -300,8 +307,9 @@ class WorkerCoordinator:
 
 def last_error_line(error: BaseException, limit: int = 300) -> str:
     """The last line of a worker's traceback that names an error (what an operator reads)."""
-    lines = [x.strip() for x in str(error).splitlines() if "Error" in x or "error" in x]
-    return (lines[-1] if lines else str(error).strip().splitlines()[-1])[:limit]
+    lines = [x.strip() for x in str(error).splitlines()]
+    raised = [x for x in lines if re.match(r"[\w.]+(Error|Exception|Failure)\b", x)]
+    return (raised[-1] if raised else lines[-1] if lines else repr(error))[:limit]
 
 
 @dataclass
