@@ -244,12 +244,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--shutdown-timeout", type=int, default=5)
     parser.add_argument("--init-timeout", type=int, default=120)
     parser.add_argument("--collective-timeout", type=int, default=10)
+    parser.add_argument("--cpu-devices", type=int, default=1, help="CPU: simulated devices")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse(argv)
-    from elastic_moe.distributed_service import ClusterOptions, join_cluster
+    from elastic_moe.distributed_service import ClusterOptions, join_cluster, worker_environment
 
     options = ClusterOptions(
         heartbeat_timeout_s=args.heartbeat_timeout,
@@ -257,6 +258,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         init_timeout_s=args.init_timeout,
         collective_timeout_s=args.collective_timeout,
     )
+    # What the frontend puts in the environment of the workers it starts; a worker started by
+    # hand on another host gets the same defaults here (its own settings win).
+    for name, value in worker_environment(
+        args.platform, options, cpu_devices=args.cpu_devices
+    ).items():
+        os.environ.setdefault(name, value)
     local_ids = None
     if args.local_device_ids:
         local_ids = [int(i) for i in args.local_device_ids.split(",")]

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
@@ -61,7 +61,7 @@ class WorkerFailure(Exception):
 @dataclass
 class WorkerHandle:
     process_id: int
-    process: subprocess.Popen
+    process: subprocess.Popen | None  # None: a worker started on another host
     conn: Connection | None = None
     device_ids: list[int] = field(default_factory=list)
     alive: bool = True
@@ -69,7 +69,12 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    """N worker processes in one cluster, driven in lockstep through `request`."""
+    """N worker processes in one cluster, driven in lockstep through `request`.
+
+    Across hosts: `local_workers` are the process ids started here (default: all); the others
+    are started on their own hosts with `worker_command(i)` and connect to `address` (this
+    host's address the others reach) with the same key (`authkey`, or $ELASTIC_MOE_WORKER_AUTHKEY
+    in hex, in their environment too)."""
 
     def __init__(
         self,
@@ -80,14 +85,31 @@ class WorkerPool:
         options: ClusterOptions | None = None,
         log_dir: str | None = None,
         start_timeout_s: float = 180.0,
+        local_workers: Sequence[int] | None = None,
+        address: str = "127.0.0.1",
+        service_port: int | None = None,
+        channel_port: int = 0,
+        authkey: bytes | None = None,
+        announce: Callable[[int, list[str]], None] | None = None,
     ):
         options = options or ClusterOptions()
         self.num_workers = num_workers
         self.platform = platform
         self.options = options
-        self.service = CoordinationService(num_workers, options)
-        self._authkey = os.urandom(16)
-        self._listener = Listener(("127.0.0.1", 0), authkey=self._authkey)
+        self.cpu_devices_per_worker = cpu_devices_per_worker
+        self.local_workers = list(range(num_workers) if local_workers is None else local_workers)
+        self.address = address
+        if authkey is None and os.environ.get(AUTHKEY_ENV):
+            authkey = bytes.fromhex(os.environ[AUTHKEY_ENV])
+        remote = [i for i in range(num_workers) if i not in self.local_workers]
+        if remote and authkey is None:
+            raise ValueError(
+                f"workers {remote} start on other hosts: give them and this frontend the same "
+                f"key in ${AUTHKEY_ENV} (hex, e.g. from `openssl rand -hex 16`)"
+            )
+        self._authkey = authkey or os.urandom(16)
+        self.service = CoordinationService(num_workers, options, port=service_port)
+        self._listener = Listener((address, channel_port), authkey=self._authkey)
         self.workers: list[WorkerHandle] = []
         env = dict(os.environ)
         for name in ("XLA_FLAGS", "JAX_PLATFORMS"):
@@ -102,20 +124,26 @@ class WorkerPool:
         self._accepted: queue.Queue = queue.Queue()
         threading.Thread(target=self._accept_forever, daemon=True, name="worker-accept").start()
         for i in range(num_workers):
-            self.workers.append(WorkerHandle(i, self._spawn(i)))
+            self.workers.append(
+                WorkerHandle(i, self._spawn(i) if i in self.local_workers else None)
+            )
+        for i in remote:
+            if announce is not None:  # the command each other host runs
+                announce(i, self.worker_command(i, "0" if platform == "gpu" else None))
         try:
             self._wait_for_hellos(list(range(num_workers)), start_timeout_s)
         except BaseException:
             self.close()
             raise
 
-    def _spawn(self, i: int) -> subprocess.Popen:
+    def worker_command(self, i: int, local_device_ids: str | None = None) -> list[str]:
+        """Worker i's command line (its key goes in its environment: AUTHKEY_ENV, in hex)."""
         options, (host, port) = self.options, self._listener.address
         command = [
             sys.executable,
             "-m",
             "elastic_moe.worker",
-            f"--coordinator={self.service.address()}",
+            f"--coordinator={self.service.address(self.address)}",
             f"--num-workers={self.num_workers}",
             f"--process-id={i}",
             f"--frontend={host}:{port}",
@@ -125,8 +153,15 @@ class WorkerPool:
             f"--init-timeout={options.init_timeout_s}",
             f"--collective-timeout={options.collective_timeout_s}",
         ]
-        if self.platform == "gpu":
-            command.append(f"--local-device-ids={i}")
+        if local_device_ids is not None:
+            command.append(f"--local-device-ids={local_device_ids}")
+        if self.platform == "cpu":
+            command.append(f"--cpu-devices={self.cpu_devices_per_worker}")
+        return command
+
+    def _spawn(self, i: int) -> subprocess.Popen:
+        gpu = str(self.local_workers.index(i)) if self.platform == "gpu" else None
+        command = self.worker_command(i, gpu)  # on GPU: one per local GPU, in order
         out = subprocess.DEVNULL
         if self._log_dir is not None:  # appended: a restarted worker's log follows the last
             out = open(os.path.join(self._log_dir, f"worker{i}.log"), "ab")
@@ -153,7 +188,7 @@ class WorkerPool:
         while pending:
             for i in pending:
                 w = self.workers[i]
-                if w.process.poll() is not None:
+                if w.process is not None and w.process.poll() is not None:
                     raise RuntimeError(f"worker {i} exited with {w.process.returncode} at start-up")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(pending)} worker(s) did not connect in {timeout_s:.0f} s")
@@ -174,12 +209,14 @@ class WorkerPool:
     def restart(self, process_id: int, *, timeout_s: float = 180.0) -> WorkerHandle:
         """Starts a dead worker again: the same process id, a new process (a new incarnation
         in the coordination service), connected to this frontend. It holds no mesh until the
-        next "deploy" that includes its devices."""
+        next "deploy" that includes its devices. A worker of another host is not started here:
+        this waits for it to connect again (started on its host by its operator)."""
         w = self.workers[process_id]
-        if w.alive and w.process.poll() is None:
+        if w.alive and (w.process is None or w.process.poll() is None):
             raise RuntimeError(f"worker {process_id} is alive")
         w.alive = False
-        w.process = self._spawn(process_id)
+        if process_id in self.local_workers:
+            w.process = self._spawn(process_id)
         self._wait_for_hellos([process_id], timeout_s)
         return w
 
@@ -244,26 +281,32 @@ class WorkerPool:
         return [replies[w.process_id][1] for w in targets]
 
     def kill(self, process_id: int) -> None:
-        """kill -9 of one worker (what a GPU fault does to it)."""
+        """kill -9 of one worker (what a GPU fault does to it). A worker of another host has its
+        channel closed instead, which makes it exit."""
         w = self.workers[process_id]
-        if w.process.poll() is None:
+        if w.process is None:
+            if w.conn is not None:
+                w.conn.close()
+                w.conn = None
+        elif w.process.poll() is None:
             w.process.kill()
             w.process.wait()
         w.alive = False
 
     def close(self) -> None:
         for w in self.workers:
-            if w.alive and w.conn is not None and w.process.poll() is None:
+            if w.alive and w.conn is not None and (w.process is None or w.process.poll() is None):
                 try:
                     w.conn.send(("shutdown", None))
                 except OSError:
                     pass
         for w in self.workers:
-            try:
-                w.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                w.process.kill()
-                w.process.wait()
+            if w.process is not None:
+                try:
+                    w.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    w.process.kill()
+                    w.process.wait()
             if w.conn is not None:
                 w.conn.close()
             w.alive = False

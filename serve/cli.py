@@ -282,6 +282,32 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
         "(default: `elastic-moe mesh rejoin` does)",
     )
     group.add_argument("--worker-logs", metavar="DIR", help="write each worker's output here")
+    group.add_argument(
+        "--local-workers",
+        type=_int_in(0, 1024, "a number of workers"),
+        metavar="K",
+        help="start workers 0..K-1 on this host (default: all N); workers K..N-1 are started on "
+        "other hosts with the command this prints, and the same $ELASTIC_MOE_WORKER_AUTHKEY",
+    )
+    group.add_argument(
+        "--cluster-address",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="this host's address the workers connect to (default 127.0.0.1: one host)",
+    )
+    group.add_argument(
+        "--service-port",
+        type=_port,
+        metavar="P",
+        help="port of JAX's coordination service on this host (default: any free one)",
+    )
+    group.add_argument(
+        "--channel-port",
+        type=_port,
+        default=0,
+        metavar="Q",
+        help="port where the workers' step channels connect (default: any free one)",
+    )
 
 
 def _add_admin_options(parser: argparse.ArgumentParser) -> None:
@@ -631,7 +657,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.command == "serve" and (args.tls_cert is None) != (args.tls_key is None):
         command.error("--tls-cert and --tls-key go together")
     if args.command == "serve" and args.workers is None:
-        for flag in ("worker_platform", "auto_rejoin", "worker_logs"):
+        for flag in ("worker_platform", "auto_rejoin", "worker_logs", "local_workers"):
             if getattr(args, flag):
                 command.error(f"--{flag.replace('_', '-')} goes with --workers")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 from typing import Any
 
 from serve.cli_common import CliError, check_model_source, load_model
@@ -34,10 +35,13 @@ def worker_layout(args: argparse.Namespace) -> tuple[str, int, int]:
     gpus = visible_gpus()
     platform = args.worker_platform or ("gpu" if gpus else "cpu")
     workers = args.workers
+    local = getattr(args, "local_workers", None)
+    if local is not None and workers != "auto" and local > workers:
+        raise CliError(f"--local-workers {local} exceeds --workers {workers}")
     if platform == "gpu":
         if workers == "auto":
             workers = gpus
-        if workers < 1 or workers > gpus:
+        if workers < 1 or (workers if local is None else local) > gpus:
             raise CliError(f"--workers {workers}: this host has {gpus} visible GPUs")
         if args.devices is not None and args.devices != workers:
             raise CliError("with GPU workers each worker owns one GPU: leave --devices out")
@@ -102,14 +106,26 @@ def deploy_workers(args: argparse.Namespace, console, progress) -> tuple[Any, An
     with progress(console) as bar:
         task = bar.add_task(f"starting {workers} {platform} workers", total=1)
         try:
+            local = args.local_workers
             pool = WorkerPool(
                 workers,
                 platform=platform,
                 cpu_devices_per_worker=per_worker,
                 options=cluster,
                 log_dir=args.worker_logs,
+                local_workers=None if local is None else range(local),
+                address=args.cluster_address,
+                service_port=args.service_port,
+                channel_port=args.channel_port,
+                announce=lambda i, command: console.print(
+                    f"worker {i}: start it on its host (with $ELASTIC_MOE_WORKER_AUTHKEY set "
+                    f"as here): {shlex.join(['python', *command[1:]])}",
+                    soft_wrap=True,
+                    highlight=False,
+                ),
+                start_timeout_s=180.0 if local is None else 3600.0,
             )
-        except (RuntimeError, TimeoutError) as error:
+        except (RuntimeError, TimeoutError, ValueError, OSError) as error:
             raise CliError(f"the workers did not start: {error}") from None
         bar.update(task, completed=1)
         try:

@@ -260,6 +260,12 @@ def test_worker_layout_splits_simulated_devices_and_refuses_what_cannot_run():
         layout(workers="auto")
 
 
+def test_workers_of_other_hosts_need_a_shared_key(monkeypatch):
+    monkeypatch.delenv("ELASTIC_MOE_WORKER_AUTHKEY", raising=False)
+    with pytest.raises(ValueError, match="ELASTIC_MOE_WORKER_AUTHKEY"):
+        WorkerPool(2, local_workers=[0])
+
+
 # ---- the real thing: serve --workers 2 on simulated CPU devices, through gRPC --------------
 SERVING = re.compile(r"serving generation on 127\.0\.0\.1:(\d+), admin on 127\.0\.0\.1:(\d+)")
 
@@ -397,3 +403,65 @@ def test_serve_workers_survives_a_worker_killed_mid_stream_and_rejoins_it(tmp_pa
             _, stderr = process.communicate()
     assert process.returncode == 0, stderr[-4000:]
     assert "Traceback" not in stderr, stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_a_worker_started_by_hand_joins_as_on_another_host():
+    """The two-host launch on one host: serve --workers 2 --local-workers 1 prints the command
+    of worker 1, which is started separately with the same $ELASTIC_MOE_WORKER_AUTHKEY; it
+    joins, serves, and its death is survived like a local worker's."""
+    import shlex
+
+    from serve.client import Client
+    from serve.proto import elastic_moe_pb2 as pb
+
+    key = os.urandom(16).hex()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ELASTIC_MOE_NO_COMPILATION_CACHE": "1"}
+    env["ELASTIC_MOE_WORKER_AUTHKEY"] = key
+    env.pop("ELASTIC_MOE_ADMIN_TOKEN", None)
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, "-m", "elastic_moe", "serve", "--preset", PRESET]
+    command += ["--workers", "2", "--devices", "2", "--local-workers", "1", "--no-standby"]
+    command += ["--port", "0", "--admin-port", "0", "--heartbeat-timeout", "1"]
+    command += ["--collective-timeout", "5", "--drain-timeout", "5"]
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+    announced: queue.Queue[str] = queue.Queue()
+    log: list[str] = []
+
+    def read_stderr() -> None:
+        for line in server.stderr:
+            log.append(line)
+            found = re.search(r"worker 1: start it on its host .*?: (python .*)$", line)
+            if found:
+                announced.put(found.group(1))
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    remote = None
+    try:
+        argv = shlex.split(announced.get(timeout=120))
+        worker_env = {k: v for k, v in env.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+        worker_env["PYTHONPATH"] = str(REPO)
+        remote = subprocess.Popen([sys.executable, *argv[1:]], env=worker_env, cwd="/")
+        serving = SERVING.search(server.stdout.readline())
+        assert serving, "".join(log[-20:])
+        port, admin_port = serving.groups()
+        with Client(f"127.0.0.1:{port}", admin_target=f"127.0.0.1:{admin_port}") as client:
+            status = client.mesh_status()
+            assert [d.process_index for d in status.devices] == [0, 1]
+            clean = stream_all(client, LOAD, 12)
+            remote.kill()
+            again = stream_all(client, LOAD, 12)
+            assert [c.token_ids for c in again] == [c.token_ids for c in clean]
+            status = client.mesh_status()
+            assert [d.state for d in status.devices] == [pb.HEALTHY, pb.FAILED]
+    finally:
+        if remote is not None:
+            remote.kill()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert server.returncode == 0, "".join(log[-40:])
