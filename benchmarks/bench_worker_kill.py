@@ -404,6 +404,8 @@ def trial_grpc(args, kill: int, platform: str, standby: bool) -> dict:
             result["tok_s_before"] = round(arrival_rate(served, min(old), k), 0) if old else None
             end = max(t for s in served for t in s["times"])
             result["tok_s_after"] = round(arrival_rate(served, first_new, end), 0)
+            compiles = [x.split(": ", 1)[-1].strip() for x in log if "compiled in every" in x]
+            result["compiles_while_serving"] = compiles
             status = c.mesh_status()
             result["failed_devices"] = [d.id for d in status.devices if d.state == pb.FAILED]
             result["server_pause_ms"] = round(status.last.pause_ms, 1)
@@ -424,6 +426,7 @@ def trial_grpc(args, kill: int, platform: str, standby: bool) -> dict:
                         "tok_s_after",
                         "failed_devices",
                         "server_pause_ms",
+                        "compiles_while_serving",
                     )
                 )
             )

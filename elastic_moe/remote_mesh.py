@@ -8,6 +8,7 @@ send back their own rows, which are put together here. Nothing device-side lives
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -15,6 +16,8 @@ import numpy as np
 
 from elastic_moe.steps import StepGeometry
 from elastic_moe.worker_pool import WorkerPool
+
+log = logging.getLogger("elastic_moe.workers")
 
 
 class RemoteStepOutput(NamedTuple):
@@ -104,8 +107,13 @@ class RemoteMesh:
     def prefill(self, tokens, positions, rows, last, sampling) -> RemoteStepOutput:
         length = int(tokens.shape[1])
         if length not in self._compiled_lengths:  # compile outside the step, in every worker
-            self.pool.request("compile", {"prefill_lengths": [length]}, timeout_s=600.0)
+            replies = self.pool.request("compile", {"prefill_lengths": [length]}, timeout_s=600.0)
             self._compiled_lengths.add(length)
+            log.info(
+                "prefill length %d compiled in every worker while serving (%.0f ms)",
+                length,
+                max(r["compile_ms"] for r in replies),
+            )
         return self._step("prefill", (tokens, positions, rows, last, sampling))
 
     def decode(self, tokens, positions, sampling) -> RemoteStepOutput:
