@@ -13,6 +13,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
+from models.fixed_order import fixed_order_softmax
 from models.kv_cache import LayerCache, write_layer_cache
 from models.layers import Dense, RMSNorm, apply_rope, rope_tables
 
@@ -27,8 +28,12 @@ def attend(
     values: Float[Array, "b t hkv dv"],
     q_positions: Int[Array, "b c"],
     scale: float,
+    numerics: str = "invariant",
 ) -> Float[Array, "b c hq dv"]:
-    """Causal attention of queries at `q_positions` over cached keys at positions 0..t-1."""
+    """Causal attention of queries at `q_positions` over cached keys at positions 0..t-1.
+
+    The context is always the whole cache (t = max_seq_len), so its split never depends on the
+    batch; with "invariant" numerics the softmax's sum is in a fixed order as well."""
     b, c, hq, dk = q.shape
     hkv = keys.shape[2]
     q = q.reshape(b, c, hkv, hq // hkv, dk)
@@ -36,7 +41,8 @@ def attend(
     key_positions = jnp.arange(keys.shape[1])
     visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [b, c, t]
     scores = jnp.where(visible[:, None, None, :, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    softmax = fixed_order_softmax if numerics == "invariant" else jax.nn.softmax
+    probs = softmax(scores).astype(values.dtype)
     out = jnp.einsum("bkgct,btkd->bckgd", probs, values)
     return out.reshape(b, c, hq, values.shape[-1])
 
@@ -71,22 +77,23 @@ class GroupedQueryAttention(nnx.Module):
         positions: Int[Array, "b c"],
         cache: LayerCache,
         rows: Int[Array, " b"] | None,
+        numerics: str = "invariant",
     ) -> tuple[Float[Array, "b c d"], LayerCache]:
         cfg = self.cfg
         b, c, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if cfg.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, numerics), self.k_norm(k, numerics)
         q = q.reshape(b, c, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, c, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, c, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "per_head":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, numerics), self.k_norm(k, numerics)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache = write_layer_cache(cache, k, v, rows, positions)
         seen = _read(cache, rows)
-        out = attend(q, seen.k, seen.v, positions, cfg.head_dim**-0.5)
+        out = attend(q, seen.k, seen.v, positions, cfg.head_dim**-0.5, numerics)
         return self.o_proj(out.reshape(b, c, -1)), cache
 
 
@@ -116,18 +123,19 @@ class MultiHeadLatentAttention(nnx.Module):
         positions: Int[Array, "b c"],
         cache: LayerCache,
         rows: Int[Array, " b"] | None,
+        numerics: str = "invariant",
     ) -> tuple[Float[Array, "b c d"], LayerCache]:
         cfg = self.cfg
         b, c, _ = x.shape
         h, nope, rope = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         if cfg.q_lora_rank:
-            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x), numerics))
         else:
             q = self.q_proj(x)
         q = q.reshape(b, c, h, nope + rope)
         q_nope, q_rope = q[..., :nope], q[..., nope:]
         latent = self.kv_a_proj(x)
-        kv = self.kv_b_proj(self.kv_a_norm(latent[..., : cfg.kv_lora_rank]))
+        kv = self.kv_b_proj(self.kv_a_norm(latent[..., : cfg.kv_lora_rank], numerics))
         kv = kv.reshape(b, c, h, nope + cfg.v_head_dim)
         k_nope, v = kv[..., :nope], kv[..., nope:]
         k_rope = latent[..., cfg.kv_lora_rank :].reshape(b, c, 1, rope)
@@ -138,5 +146,5 @@ class MultiHeadLatentAttention(nnx.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, c, h, rope))], axis=-1)
         cache = write_layer_cache(cache, k, v, rows, positions)
         seen = _read(cache, rows)
-        out = attend(q, seen.k, seen.v, positions, (nope + rope) ** -0.5)
+        out = attend(q, seen.k, seen.v, positions, (nope + rope) ** -0.5, numerics)
         return self.o_proj(out.reshape(b, c, -1)), cache

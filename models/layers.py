@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from models.fixed_order import fixed_order_sum
+
 
 def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
@@ -53,9 +55,17 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), dtype_of(dtype)), logical_axes=(None,))
 
-    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+    def __call__(
+        self, x: Float[Array, "... dim"], numerics: str = "invariant"
+    ) -> Float[Array, "... dim"]:
+        """numerics "invariant": the mean of squares in a fixed order (models.fixed_order), so
+        a row's result does not depend on how many rows are normalised with it."""
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if numerics == "invariant":
+            mean_square = fixed_order_sum(x32 * x32) / x.shape[-1]
+        else:
+            mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        normed = x32 * jax.lax.rsqrt(mean_square + self.eps)
         return self.scale[...] * normed.astype(x.dtype)
 
 

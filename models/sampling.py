@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt32
 
+from models.fixed_order import fixed_order_logsumexp
+
 
 def _sample_row(
     logits: Float[Array, " v"],
@@ -40,8 +42,12 @@ def sample(
     top_p: Float[Array, " b"],
     seed: UInt32[Array, " b"],
     step: Int[Array, " b"],
+    numerics: str = "invariant",
 ) -> tuple[Int[Array, " b"], Float[Array, " b"]]:
-    """Next token of each row and its log-probability under the model (temperature 1)."""
+    """Next token of each row and its log-probability under the model (temperature 1).
+
+    numerics "invariant": the log-softmax's sum in a fixed order (models.fixed_order), so a
+    row's logprob does not depend on how many rows share the step."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def with_sampling() -> Int[Array, " b"]:
@@ -50,5 +56,8 @@ def sample(
 
     # Sorting the vocabulary for every row is costly: skip it when no row samples.
     tokens = jax.lax.cond(jnp.any(temperature > 0), with_sampling, lambda: greedy)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if numerics == "invariant":
+        logprobs = logits - fixed_order_logsumexp(logits)
+    else:
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -65,8 +65,10 @@ class MoETransformer(nnx.Module):
         when last_index is None), the updated cache and expert loads.
 
         token_ids: a global index per token, used to spread tokens over expert replicas.
-        numerics: how the MoE layers combine expert outputs (models.moe: "invariant" gives
-        every token the same bits whatever the mesh; "fast" sums across devices).
+        numerics: "invariant" gives every token the same bits whatever the mesh and whatever
+        shares its step (the MoE combine of models.moe, and norms and softmax in a fixed order,
+        models.fixed_order); "fast" sums expert outputs across devices and lets XLA order
+        every reduction.
         Tokens at positions >= max_seq_len are padding: they are not cached or counted.
         """
         cfg = self.cfg
@@ -75,10 +77,12 @@ class MoETransformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)
         new_cache, loads = [], []
         for i, layer in enumerate(self.layers):
-            h, layer_cache = layer.attn(layer.attn_norm(x), positions, cache[i], rows)
+            h, layer_cache = layer.attn(
+                layer.attn_norm(x, numerics), positions, cache[i], rows, numerics
+            )
             new_cache.append(layer_cache)
             x = x + h
-            h = layer.mlp_norm(x)
+            h = layer.mlp_norm(x, numerics)
             if layer.is_moe:
                 j = i - cfg.first_dense_layers
                 tables = ExpertTables(log2phy[j], replica_count[j])
@@ -91,9 +95,10 @@ class MoETransformer(nnx.Module):
                 h = layer.mlp(h)
             x = x + h
         if last_index is None:
-            last = self.final_norm(x)
+            last = self.final_norm(x, numerics)
         else:
-            last = self.final_norm(jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0])
+            last = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
+            last = self.final_norm(last, numerics)
         head = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
         logits = last.astype(jnp.float32) @ head.astype(jnp.float32)
         return logits, new_cache, jnp.stack(loads)
