@@ -100,7 +100,7 @@ def _attention(attn, x, positions, cfg: ModelConfig):
     v = attn.v_proj(x).reshape(b, c, cfg.num_kv_heads, cfg.head_dim)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attend(q, k, v, positions, cfg.head_dim**-0.5)
+    out = attend(q, k, v, positions, cfg.head_dim**-0.5, "fast")  # training: XLA's softmax
     return attn.o_proj(out.reshape(b, c, -1))
 
 
@@ -155,11 +155,11 @@ def train_logits(model, tokens, cfg: ModelConfig):
     x = jnp.take(model.embed[...], tokens, axis=0)
     balance = []
     for layer in model.layers:
-        x = x + _attention(layer.attn, layer.attn_norm(x), positions, cfg)
-        y, aux = _moe(layer.mlp, layer.mlp_norm(x).reshape(b * c, -1), cfg)
+        x = x + _attention(layer.attn, layer.attn_norm(x, "fast"), positions, cfg)
+        y, aux = _moe(layer.mlp, layer.mlp_norm(x, "fast").reshape(b * c, -1), cfg)
         x = x + y.reshape(b, c, -1)
         balance.append(aux)
-    logits = model.final_norm(x).astype(jnp.float32) @ model.lm_head.kernel[...]
+    logits = model.final_norm(x, "fast").astype(jnp.float32) @ model.lm_head.kernel[...]
     return logits, jnp.mean(jnp.stack(balance))
 
 
