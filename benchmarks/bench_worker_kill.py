@@ -435,7 +435,8 @@ def trial_grpc(args, kill: int, platform: str, standby: bool) -> dict:
                 try:
                     reply = c.rejoin(lost_ids)
                     result["rejoin_ms"] = round(1000 * (time.perf_counter() - t_rejoin), 0)
-                    result["rejoin_epoch"] = reply.to_epoch
+                    result["rejoin_epoch"] = reply.summary.to_epoch
+                    result["rejoin_pause_ms"] = round(reply.summary.pause_ms, 0)
                     again = stream_round(c, args, vocab)
                     result["rejoin_equal"] = all(
                         a["tokens"] == b["tokens"] for a, b in zip(clean, again, strict=True)

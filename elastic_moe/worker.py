@@ -278,6 +278,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     import jax
 
+    if not os.environ.get("ELASTIC_MOE_NO_COMPILATION_CACHE"):
+        # A worker started again (a rejoin, a restarted cluster) reads its programs from disk.
+        from elastic_moe.executables import enable_persistent_cache
+
+        try:
+            enable_persistent_cache()
+        except OSError:
+            pass
     host, port = args.frontend.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))
     conn.send(

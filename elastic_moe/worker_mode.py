@@ -42,6 +42,7 @@ from elastic_moe.worker_pool import WorkerError, WorkerFailure
 
 log = logging.getLogger("elastic_moe.workers")
 HISTORY_KEPT = 1000
+REJOIN_MODES = ("restart", "in-place")
 
 
 class WorkerCoordinator:
@@ -51,7 +52,10 @@ class WorkerCoordinator:
     and EngineOptions as a dict). standby: after each deploy, every worker compiles the
     programs of the meshes one more worker's death would leave. auto_rejoin: a dead worker's
     process is restarted in the background at once, and its devices rejoin at the first step
-    boundary after it has connected again."""
+    boundary after it has connected again. rejoin_mode: "restart" (a rejoin starts every
+    worker again in a new cluster: a pause of a full start, every request re-prefilled) or
+    "in-place" (only the dead worker restarts and joins the running cluster, which JAX 0.11 and
+    0.12 refuse so far: the rejoin is then undone, docs/WORKERS.md)."""
 
     def __init__(
         self,
@@ -61,12 +65,16 @@ class WorkerCoordinator:
         *,
         standby: bool = True,
         auto_rejoin: bool = False,
+        rejoin_mode: str = "restart",
     ):
         mesh: RemoteMesh = engine.mesh
         self.engine, self.model, self.options = engine, model, options
         self.pool = mesh.pool
+        if rejoin_mode not in REJOIN_MODES:
+            raise ValueError(f"rejoin_mode must be one of {REJOIN_MODES}, got {rejoin_mode!r}")
         self.standby = standby
         self.auto_rejoin = auto_rejoin
+        self.rejoin_mode = rejoin_mode
         # Every device of the cluster, serving or not: id -> the worker that owns it.
         self.owner = {d: w.process_id for w in self.pool.workers for d in w.device_ids}
         self.states = {
@@ -76,6 +84,7 @@ class WorkerCoordinator:
         self.history: list[Reconfiguration] = []
         self._restarts: dict[int, threading.Thread] = {}  # auto_rejoin: restarts under way
         self._restart_errors: dict[int, BaseException] = {}
+        self._due_by_restart: set[int] = set()  # auto_rejoin, restart mode: dead workers
 
     # ---- reporting ----------------------------------------------------------------------
     def status(self) -> MeshStatus:
@@ -101,14 +110,24 @@ class WorkerCoordinator:
             {i: round(t, 3) for i, t in failure.survivor_detected_at.items()},
         )
         result = self._redeploy(ReconfigurationKind.DETECTED, cause, detect_ms)
-        if self.auto_rejoin:
+        if self.auto_rejoin and self.rejoin_mode == "in-place":
             for process_id in failure.dead:
                 self._restart_in_background(process_id)
+        elif self.auto_rejoin:
+            self._due_by_restart.update(failure.dead)  # at the next step boundary
         return result
 
     def due_rejoins(self) -> Reconfiguration | None:
-        """auto_rejoin: the devices of every restarted worker that has connected since the
-        last call rejoin now (None when there is none)."""
+        """auto_rejoin: the devices of every dead worker rejoin now (restart mode: the whole
+        cluster starts again; in-place: each restarted worker that has connected since the last
+        call). None when there is none."""
+        if self._due_by_restart:
+            dead, self._due_by_restart = sorted(self._due_by_restart), set()
+            try:
+                return self.rejoin(self.pool.device_ids(dead))
+            except ReconfigurationRefused as refused:
+                log.error("automatic rejoin of worker(s) %s failed: %s", dead, refused)
+                return None
         ready = [i for i, t in self._restarts.items() if not t.is_alive()]
         if not ready:
             return None
@@ -186,6 +205,8 @@ class WorkerCoordinator:
         already = [d for d in ids if d in self.engine.mesh.device_ids]
         if already:
             raise ReconfigurationRefused(f"devices {already} are already serving")
+        if self.rejoin_mode == "restart":
+            return self._rejoin_by_restart(ids)
         try:
             for i in workers:
                 thread = self._restarts.pop(i, None)
@@ -217,6 +238,27 @@ class WorkerCoordinator:
                 f"{cause}; worker(s) {workers} stopped again, serving goes on over devices "
                 f"{self.engine.mesh.device_ids} (epoch {result.to_epoch})"
             ) from None
+
+    def _rejoin_by_restart(self, ids: list[int]) -> Reconfiguration:
+        """Every worker starts again in a new cluster and deploys over all their devices."""
+        for thread in list(self._restarts.values()):
+            thread.join()  # automatic restarts under way are superseded
+        self._restarts.clear()
+        for d in ids:
+            self.states[d] = DeviceState.REJOINING
+        started = time.perf_counter()
+        try:
+            self.pool.restart_cluster()
+        except (RuntimeError, TimeoutError) as error:
+            for d in ids:
+                self.states[d] = DeviceState.FAILED
+            raise ReconfigurationRefused(
+                f"rejoin {ids}: the workers did not start again ({error})"
+            ) from None
+        restart_ms = 1000 * (time.perf_counter() - started)
+        result = self._redeploy(ReconfigurationKind.REJOIN, f"rejoin {ids} (cluster restarted)")
+        result.pause_ms += restart_ms
+        return result
 
     def rebalance(self, *, op_id: str = "", max_copies: int = 0) -> Reconfiguration:
         raise ReconfigurationRefused(
@@ -260,12 +302,12 @@ class WorkerCoordinator:
             requests_reprefilled=requeued,
             standby_hit=all(r.get("standby_hit", False) for r in replies),
         )
-        result.pause_ms = detect_ms + deploy_ms
         for d in engine.mesh.device_ids:
             self.states[d] = DeviceState.HEALTHY
         if self.standby and len(live) > 1:
             lengths = sorted(engine.prefill_lengths_seen) or [engine.options.min_prefill_bucket]
             engine.mesh.standby(lengths)  # for the next death (serving waits for it)
+        result.pause_ms = detect_ms + 1000 * (time.perf_counter() - started)
         self.history.append(result)
         del self.history[:-HISTORY_KEPT]
         log.info(

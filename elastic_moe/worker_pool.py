@@ -220,6 +220,25 @@ class WorkerPool:
         self._wait_for_hellos([process_id], timeout_s)
         return w
 
+    def restart_cluster(self, *, timeout_s: float = 180.0) -> None:
+        """Every worker stopped, a new coordination service, every worker started again: a
+        new cluster under the same frontend (its requests are not touched). What a rejoin
+        falls back to where a restarted worker cannot rejoin the running cluster
+        (docs/WORKERS.md). Workers of other hosts cannot be restarted from here."""
+        remote = [i for i in range(self.num_workers) if i not in self.local_workers]
+        if remote:
+            raise RuntimeError(f"workers {remote} run on other hosts: restart them there")
+        for w in self.workers:
+            self.kill(w.process_id)
+            if w.conn is not None:
+                w.conn.close()
+                w.conn = None
+        self.service.shutdown()
+        self.service = CoordinationService(self.num_workers, self.options)
+        for w in self.workers:
+            w.process = self._spawn(w.process_id)
+        self._wait_for_hellos(list(range(self.num_workers)), timeout_s)
+
     # ---- driving the workers ------------------------------------------------------------
     @property
     def live_workers(self) -> list[WorkerHandle]:

@@ -281,6 +281,15 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
         help="restart a dead worker at once and bring its devices back when it has connected "
         "(default: `elastic-moe mesh rejoin` does)",
     )
+    group.add_argument(
+        "--rejoin-mode",
+        choices=("restart", "in-place"),
+        default="restart",
+        help="restart (default): a rejoin starts every worker again in a new cluster (serving "
+        "pauses for a full start; every request is kept and re-prefilled); in-place: only the "
+        "dead worker restarts and joins the running cluster, which JAX does not allow yet (the "
+        "rejoin is then undone; docs/WORKERS.md)",
+    )
     group.add_argument("--worker-logs", metavar="DIR", help="write each worker's output here")
     group.add_argument(
         "--local-workers",

@@ -147,7 +147,12 @@ def deploy_workers(args: argparse.Namespace, console, progress) -> tuple[Any, An
             raise
     engine = frontend_engine(cfg, mesh, options)
     coordinator = WorkerCoordinator(
-        engine, model, as_dict, standby=not args.no_standby, auto_rejoin=args.auto_rejoin
+        engine,
+        model,
+        as_dict,
+        standby=not args.no_standby,
+        auto_rejoin=args.auto_rejoin,
+        rejoin_mode=args.rejoin_mode,
     )
     runtime = Runtime(engine, coordinator=coordinator, stepper=WorkerStepper(coordinator))
     return runtime, tokenizer, pool

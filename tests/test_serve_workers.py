@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -30,7 +29,7 @@ from elastic_moe.engine import EngineOptions
 from elastic_moe.reconfiguration import DeviceState, ReconfigurationKind, ReconfigurationRefused
 from elastic_moe.requests import FinishReason, Request
 from elastic_moe.runtime import Finished, Runtime
-from elastic_moe.worker_pool import WorkerFailure, WorkerHandle, WorkerPool
+from elastic_moe.worker_pool import WorkerError, WorkerFailure, WorkerHandle, WorkerPool
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "tiny-mixtral"
@@ -58,7 +57,9 @@ class StandInPool(WorkerPool):
             for i in range(workers)
         ]
         self.die_in: dict[str, int] = {}
+        self.fail_deploy_over: int | None = None  # a deploy over this many devices raises
         self.restarted: list[int] = []
+        self.cluster_restarts = 0
         self.sent: list[str] = []
 
     def kill(self, process_id: int) -> None:
@@ -68,6 +69,11 @@ class StandInPool(WorkerPool):
         self.workers[process_id].alive = True
         self.restarted.append(process_id)
         return self.workers[process_id]
+
+    def restart_cluster(self, *, timeout_s=180.0):
+        for w in self.workers:
+            w.alive = True
+        self.cluster_restarts += 1
 
     def request(self, kind, payload=None, *, timeout_s=60.0):
         from elastic_moe.worker import step_geometry
@@ -86,6 +92,8 @@ class StandInPool(WorkerPool):
         live = self.live_workers
         if kind == "deploy":
             ids = payload["device_ids"] or self.device_ids()
+            if len(ids) == self.fail_deploy_over:  # as JAX's collectives refuse a rejoin
+                raise WorkerError("worker 0: ...\njax.errors.JaxRuntimeError: ALREADY_EXISTS: key")
             options = EngineOptions(**payload["options"])
             geometry = step_geometry(self.cfg, len(ids), options)
             load = np.ones((self.cfg.num_moe_layers, self.cfg.num_experts))
@@ -107,7 +115,7 @@ class StandInPool(WorkerPool):
             return [reply for _ in live]
         if kind in ("prefill", "decode"):
             return [self._rows(kind, payload) for _ in live]
-        return [{} for _ in live]
+        return [{"compile_ms": 0.0} for _ in live]
 
     def _rows(self, kind, args):
         if kind == "prefill":
@@ -128,7 +136,7 @@ class StandInPool(WorkerPool):
         }
 
 
-def frontend(pool, *, auto_rejoin=False):
+def frontend(pool, *, auto_rejoin=False, rejoin_mode="restart"):
     from elastic_moe.frontend_engine import frontend_engine
     from elastic_moe.remote_mesh import RemoteMesh
     from elastic_moe.worker_mode import WorkerCoordinator, WorkerStepper
@@ -138,7 +146,9 @@ def frontend(pool, *, auto_rejoin=False):
     as_dict = dataclasses.asdict(options)
     mesh = RemoteMesh.deploy(pool, PRESET, as_dict)
     engine = frontend_engine(get_preset(PRESET), mesh, options)
-    coordinator = WorkerCoordinator(engine, PRESET, as_dict, auto_rejoin=auto_rejoin)
+    coordinator = WorkerCoordinator(
+        engine, PRESET, as_dict, auto_rejoin=auto_rejoin, rejoin_mode=rejoin_mode
+    )
     return engine, coordinator, WorkerStepper(coordinator)
 
 
@@ -202,11 +212,43 @@ def test_a_dead_worker_fails_its_devices_and_every_request_finishes_unchanged():
         assert stepper.detections[-1].requests_reprefilled >= 1
 
 
-def test_rejoin_restarts_the_worker_and_deploys_over_the_grown_mesh():
+def test_rejoin_restarts_the_cluster_and_deploys_over_the_grown_mesh():
     from models.presets import get_preset
 
     pool = StandInPool(get_preset(PRESET))
     engine, coordinator, stepper = frontend(pool)
+    with Runtime(engine, coordinator=coordinator, stepper=stepper) as runtime:
+        runtime.fail([2, 3]).result()
+        result = runtime.rejoin([2, 3]).result()
+        assert pool.cluster_restarts == 1 and pool.restarted == []
+        assert result.kind is ReconfigurationKind.REJOIN and "cluster restarted" in result.cause
+        assert engine.mesh.device_ids == [0, 1, 2, 3]
+        assert all(d.state is DeviceState.HEALTHY for d in runtime.status().devices)
+
+
+def test_an_in_place_rejoin_that_jax_refuses_goes_back_to_the_survivors():
+    from models.presets import get_preset
+
+    pool = StandInPool(get_preset(PRESET))
+    engine, coordinator, stepper = frontend(pool, rejoin_mode="in-place")
+    with Runtime(engine, coordinator=coordinator, stepper=stepper) as runtime:
+        runtime.fail([2, 3]).result()
+        pool.fail_deploy_over = 4
+        with pytest.raises(ReconfigurationRefused, match="rejoin .* failed: jax.errors.*ALREADY"):
+            runtime.rejoin([2, 3]).result()
+        assert pool.restarted == [1] and not pool.workers[1].alive
+        assert engine.mesh.device_ids == [0, 1] and engine.mesh.epoch == 2
+        states = [d.state for d in runtime.status().devices]
+        assert states == [DeviceState.HEALTHY] * 2 + [DeviceState.FAILED] * 2
+        finished = run_to_end(runtime, PROMPTS[:2], 6)
+        assert all(len(r.generated) == 6 for r in finished)
+
+
+def test_an_in_place_rejoin_restarts_the_worker_and_deploys_over_the_grown_mesh():
+    from models.presets import get_preset
+
+    pool = StandInPool(get_preset(PRESET))
+    engine, coordinator, stepper = frontend(pool, rejoin_mode="in-place")
     with Runtime(engine, coordinator=coordinator, stepper=stepper) as runtime:
         with pytest.raises(ReconfigurationRefused, match="fail together"):
             runtime.fail([2]).result()
@@ -230,7 +272,7 @@ def test_auto_rejoin_brings_a_dead_workers_devices_back_at_a_step_boundary():
     from models.presets import get_preset
 
     pool = StandInPool(get_preset(PRESET))
-    engine, coordinator, stepper = frontend(pool, auto_rejoin=True)
+    engine, coordinator, stepper = frontend(pool, auto_rejoin=True, rejoin_mode="in-place")
     with Runtime(engine, coordinator=coordinator, stepper=stepper) as runtime:
         pool.die_in["decode"] = 0  # worker 0 dies in the first decode step
         run_to_end(runtime, PROMPTS[:1], 4)
@@ -338,8 +380,7 @@ def test_serve_workers_survives_a_worker_killed_mid_stream_and_rejoins_it(tmp_pa
     """serve --workers 2 (one simulated CPU device each, gloo): a failure-free round of
     streaming requests; the same requests again with worker 1 SIGKILLed mid-stream (every
     request finishes with the failure-free tokens, worker 1's device failed in the status);
-    then `mesh rejoin` of that device restarts worker 1, which on CPU cannot rejoin (gloo), and
-    the server goes on over the survivor: the same requests again, unchanged."""
+    then `mesh rejoin` of that device restarts the cluster, and the same requests again."""
     from serve.client import Client
     from serve.proto import elastic_moe_pb2 as pb
 
@@ -379,18 +420,15 @@ def test_serve_workers_survives_a_worker_killed_mid_stream_and_rejoins_it(tmp_pa
             assert status.epoch == 1 and failed == lost, status
             assert status.last.cause.startswith(f"fail {lost}"), status.last
 
-            # Rejoin on CPU: the restarted worker connects to the service, but the deploy over
-            # the grown mesh fails in gloo (the survivor's cached context still points at the
-            # dead incarnation; the restarted worker's rendezvous key exists already), so the
-            # server stops the worker again and goes on over the survivor (docs/WORKERS.md).
-            with pytest.raises(grpc.RpcError) as refused:
-                client.rejoin(lost)
-            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert f"rejoin {lost} failed" in refused.value.details()
-            assert "serving goes on over devices" in refused.value.details()
+            # Rejoin (the default mode restarts the cluster: a worker restarted alone cannot
+            # join the running one, docs/WORKERS.md): every worker starts again, the same
+            # requests come out unchanged over both devices.
+            result = client.rejoin(lost)
+            assert result.summary.to_epoch == 2, result
+            assert "cluster restarted" in result.summary.cause, result
+            assert worker_pid(process.pid, 1) != victim
             status = client.mesh_status()
-            failed = [d.id for d in status.devices if d.state == pb.FAILED]
-            assert failed == lost and status.epoch == 2, status
+            assert all(d.state == pb.HEALTHY and d.expert_slots for d in status.devices), status
             again = stream_all(client, LOAD, 24)
             assert [c.token_ids for c in again] == [c.token_ids for c in clean]
             assert {e for c in again for e in c.epochs} == {2}
