@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
@@ -71,6 +72,10 @@ class EngineOptions:
     # "invariant": every reduction a token depends on has a fixed order and split whatever the
     # mesh size, so a failure or rejoin changes no token (even in bf16); "fast": XLA's choice.
     numerics: str = "invariant"
+    # Launch each decode step before reading the previous one back, so the host's work (the
+    # launch itself, recording tokens) overlaps the device's. Tokens then come out one step
+    # later; the outputs are the same.
+    overlap_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.replica_routing not in ("auto", "primary", "spread"):
@@ -101,6 +106,18 @@ def prefill_bucket(length: int, minimum: int, maximum: int) -> int:
     while bucket < length:
         bucket *= 2
     return min(bucket, maximum)
+
+
+FINISHED_KEPT = 4096
+
+
+@dataclass
+class _Launched:
+    """A decode launched on the devices, not read back yet: its output and each row's
+    request (None: the row was not decoded)."""
+
+    out: Any
+    owners: list[Request | None]
 
 
 class Engine:
@@ -170,7 +187,9 @@ class Engine:
         self.expert_load = np.zeros((cfg.num_moe_layers, cfg.num_experts), np.int64)
         self.steps_run = 0
         self._events: list[TokenEvent] = []  # recorded, not yet handed out
-        self._finished: list[Request] = []  # finished this step, not yet handed out
+        # Finished, not yet handed out (take_finished); bounded for users who never read it.
+        self._finished: collections.deque[Request] = collections.deque(maxlen=FINISHED_KEPT)
+        self._launched: _Launched | None = None  # a decode launched and not yet read back
         self.in_flight_untrusted = False  # a step failed after device work had started
         # Called with a point's name ("prefill", "decode") right after that phase's program
         # ran and before its output is read: where a device failure mid-step is injected.
@@ -204,9 +223,12 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Admits waiting requests (prefill), then runs one decode step for all running ones.
 
-        If it raises, the tokens recorded before the error stay pending: take_events()."""
+        With `overlap_steps` the decode is launched and the previous step's decode is read
+        back while it runs, so its tokens come out one step later. If it raises, the tokens
+        recorded before the error stay pending: take_events()."""
         self.in_flight_untrusted = True  # until the step's device work is done
-        self._finished = []  # nobody read them: a plain engine user has the requests anyway
+        if self._launched is not None and self.waiting and None in self.slot_owner:
+            self.settle()  # admission needs every running request's last token on the host
         self._admit()
         self._decode()
         self.in_flight_untrusted = False
@@ -220,14 +242,23 @@ class Engine:
 
     def take_finished(self) -> list[Request]:
         """The requests that finished (stop token or length) since the last call; the journal
-        no longer holds them. Kept for one step only: read it after every step."""
-        finished, self._finished = self._finished, []
+        no longer holds them (the newest FINISHED_KEPT are kept until read)."""
+        finished = list(self._finished)
+        self._finished.clear()
         return finished
+
+    def settle(self) -> None:
+        """Reads back a launched decode and records its tokens (events pending in
+        take_events()). Called before anything that changes slots or the mesh."""
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            self._read_back(launched)
 
     def requeue_in_flight(self) -> int:
         """Every running request goes back to the front of the queue, to be re-prefilled
         from its journal, and the KV cache is discarded: after a step failed midway its
         buffers (donated to the failed program) cannot be trusted. Returns how many."""
+        self._launched = None  # its output went with the failed step: never read
         running = [o for o in self.slot_owner if o is not None]
         for request_id in reversed(running):
             self.journal.get(request_id).reprefills += 1
@@ -278,6 +309,7 @@ class Engine:
         """Serving moves to `mesh`, deployed from scratch (a new deployment after a worker
         process died): every running request goes back to be re-prefilled from its journal,
         since neither the failed step nor any survivor's cache is trusted. Returns how many."""
+        self._launched = None  # launched on the old mesh: not trusted
         running = [o for o in self.slot_owner if o is not None]
         for request_id in reversed(running):
             self.journal.get(request_id).reprefills += 1
@@ -303,6 +335,7 @@ class Engine:
         against its expert's checksum, and the lost devices' requests are requeued.
         """
         self._require_local_deployment("apply")
+        self.settle()  # the launched step ran on the old mesh and its slots
         applied = AppliedChange()
         if poison_lost and change.lost_positions:
             started = time.perf_counter()
@@ -399,7 +432,9 @@ class Engine:
         self._events.append(event)
         return event
 
-    def _sampling(self, requests: list[Request | None]) -> Sampling:
+    def _sampling(self, requests: list[Request | None], ahead: int = 0) -> Sampling:
+        """ahead: tokens each row has produced but not recorded yet (a launched step's)."""
+
         def col(fn, dtype):
             return np.array([fn(r) if r is not None else 0 for r in requests], dtype)
 
@@ -408,7 +443,7 @@ class Engine:
             col(lambda r: r.sampling.top_k, np.int32),
             col(lambda r: r.sampling.top_p, np.float32),
             col(lambda r: r.sampling.seed, np.uint32),
-            col(lambda r: len(r.generated), np.int32),
+            col(lambda r: len(r.generated) + ahead, np.int32),
         )
 
     # ---- prefill ------------------------------------------------------------------------
@@ -478,26 +513,55 @@ class Engine:
         return best
 
     # ---- decode -------------------------------------------------------------------------
-    def _decode(self) -> list[TokenEvent]:
+    def _decode(self) -> None:
+        """Launches one decode for every running request, then reads back the step launched
+        before (overlap_steps) or this one."""
+        previous, self._launched = self._launched, None
         owners = [self.journal.get(o) if o is not None else None for o in self.slot_owner]
-        if not any(r is not None for r in owners):
-            return []
+        if previous is not None and any(
+            r is not None and previous.owners[s] is not r for s, r in enumerate(owners)
+        ):  # a request the previous step did not decode: its input token is on the host
+            self._read_back(previous)
+            previous = None
+            owners = [self.journal.get(o) if o is not None else None for o in self.slot_owner]
         b = len(owners)
         tokens = np.zeros((b,), np.int32)
-        positions = np.full((b,), self.cfg.max_seq_len, np.int32)
-        for s, r in enumerate(owners):
-            if r is not None:
-                tokens[s] = r.generated[-1]
-                positions[s] = len(r.context) - 1
-        out = self.mesh.decode(tokens, positions, self._sampling(owners))
-        self._fault_point("decode")
+        positions = np.full((b,), self.cfg.max_seq_len, np.int32)  # padding: not cached
+        if previous is None:
+            ahead = 0
+            for s, r in enumerate(owners):
+                if r is not None:
+                    tokens[s] = r.generated[-1]
+                    positions[s] = len(r.context) - 1
+        else:
+            # Every running request is a row of the previous step; its input is that step's
+            # token, still on the device. A row whose request the previous token finishes
+            # (its length) is not launched again.
+            ahead = 1
+            tokens = previous.out.tokens
+            for s, r in enumerate(owners):
+                if r is not None and len(r.generated) + 1 >= r.max_tokens:
+                    owners[s] = None
+            for s, r in enumerate(owners):
+                if r is not None:
+                    positions[s] = len(r.context)
+        if any(r is not None for r in owners):
+            out = self.mesh.decode(tokens, positions, self._sampling(owners, ahead))
+            self._launched = _Launched(out, owners)
+            self._fault_point("decode")
+        if previous is not None:
+            self._read_back(previous)
+        if not self.options.overlap_steps:
+            self.settle()
+
+    def _read_back(self, launched: _Launched) -> None:
+        out = launched.out
         self.expert_load += np.asarray(out.expert_load)
         next_tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
-        return [
-            self._record(r, int(next_tokens[s]), float(logprobs[s]))
-            for s, r in enumerate(owners)
-            if r is not None
-        ]
+        for s, r in enumerate(launched.owners):
+            # A request aborted, ended or re-queued since the launch keeps no token of it.
+            if r is not None and not r.done and self.slot_owner[s] == r.request_id:
+                self._record(r, int(next_tokens[s]), float(logprobs[s]))
 
 
 __all__ = ["Engine", "EngineOptions", "RequestError", "TokenEvent"]

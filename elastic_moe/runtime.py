@@ -385,9 +385,15 @@ class Runtime:
                 inbox, self._inbox = list(self._inbox), collections.deque()
             for fn, future in commands:
                 try:
-                    future.set_result(fn())
+                    result = fn()
                 except Exception as error:
+                    self._emit_step(engine.take_events())
                     future.set_exception(error)
+                    continue
+                # Tokens an operation read back (a reconfiguration settles the launched step)
+                # go out before its answer.
+                self._emit_step(engine.take_events())
+                future.set_result(result)
             for request in inbox:
                 if request.done:
                     continue

@@ -156,6 +156,7 @@ def build_engine(
     redundant: int,
     placement: str = "auto",
     numerics: str = "invariant",
+    overlap_steps: bool = True,
 ):
     """An Engine, or a one-line CliError when the model cannot be deployed on these devices."""
     from elastic_moe import Engine, EngineOptions
@@ -165,6 +166,7 @@ def build_engine(
         redundant_experts=redundant,
         placement=placement,
         numerics=numerics,
+        overlap_steps=overlap_steps,
     )
     try:
         return Engine(cfg, params, devices, options)

@@ -139,6 +139,8 @@ def run_offline(args: argparse.Namespace) -> int:
                 redundant=redundant,
                 placement=args.placement,
                 numerics=args.numerics,
+                # Step by step: --inject-failure/--inject-rejoin name steps, each 1 token.
+                overlap_steps=False,
             )
 
         engine = new_engine()
