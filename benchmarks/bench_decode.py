@@ -35,6 +35,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hbm-gbs", type=float, default=3000.0, help="measured HBM GB/s (H100)")
     p.add_argument("--json", default="", help="write the results here too")
     p.add_argument(
+        "--overlap-steps",
+        action="store_true",
+        help="also R=0 with overlap_steps (each step launched before the last is read back)",
+    )
+    p.add_argument(
         "--profile-host",
         action="store_true",
         help="cProfile the engine steps of the first variant: where the host's time goes",
@@ -57,11 +62,12 @@ def main() -> int:
     devices = jax.devices()[: args.devices]
     print(f"# {cfg.name} x{cfg.num_layers} layers on {len(devices)} x {devices[0].device_kind}")
 
-    def run_variant(name, redundant, routing, lose_one=False):
+    def run_variant(name, redundant, routing, lose_one=False, overlap=False):
         options = EngineOptions(
             request_slots_per_device=args.batch_per_device,
             redundant_experts=redundant,
             replica_routing=routing,
+            overlap_steps=overlap,
         )
         engine = Engine(cfg, params, devices, options)
         rows = [measure(engine, f"{name}")]
@@ -132,6 +138,8 @@ def main() -> int:
         )
 
     results = run_variant("R=0", 0, "primary")
+    if args.overlap_steps:
+        results += run_variant("R=0, overlap_steps", 0, "primary", overlap=True)
     if args.variants == "all":
         e = cfg.num_experts
         results += run_variant(f"R={e} primary", e, "primary", lose_one=True)

@@ -73,9 +73,10 @@ class EngineOptions:
     # mesh size, so a failure or rejoin changes no token (even in bf16); "fast": XLA's choice.
     numerics: str = "invariant"
     # Launch each decode step before reading the previous one back, so the host's work (the
-    # launch itself, recording tokens) overlaps the device's. Tokens then come out one step
-    # later; the outputs are the same.
-    overlap_steps: bool = True
+    # launch itself, recording tokens) can overlap the device's. Tokens then come out one step
+    # later; the outputs are the same. Off by default: on 2 H200s it gained nothing (the
+    # launch itself does not overlap the running step; benchmarks/RESULTS.md, 2026-11-30).
+    overlap_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.replica_routing not in ("auto", "primary", "spread"):

@@ -91,7 +91,7 @@ def test_steady_decode_feeds_the_devices_own_tokens(model, devices):
     output on the devices (not yet read back), and a step hands out the previous step's
     tokens."""
     cfg, params = model
-    engine = Engine(cfg, params, devices, EngineOptions(**BASE))
+    engine = Engine(cfg, params, devices, EngineOptions(**BASE, overlap_steps=True))
     inputs = []
     decode = engine.mesh.decode
 
