@@ -183,6 +183,7 @@ class WorkerCoordinator:
                 dry_run=True,
                 requests_reprefilled=len(self.engine.running),
             )
+        self.engine.settle()  # the launched step is sound: its tokens are recorded first
         for process_id in workers:
             self.pool.kill(process_id)
         for d in ids:
@@ -205,6 +206,7 @@ class WorkerCoordinator:
         already = [d for d in ids if d in self.engine.mesh.device_ids]
         if already:
             raise ReconfigurationRefused(f"devices {already} are already serving")
+        self.engine.settle()  # the launched step is sound: its tokens are recorded first
         if self.rejoin_mode == "restart":
             return self._rejoin_by_restart(ids)
         try:
