@@ -111,7 +111,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for slots in (32, 64, 128):
         w = jnp.asarray(rng.normal(size=(slots, k, n)) * k**-0.5, jnp.bfloat16)
-        for rows in (128, 512):
+        for rows in (64, 128, 512):
             for used in sorted({slots // 4, slots // 2, slots}):
                 x = jnp.asarray(rng.normal(size=(rows, k)), jnp.bfloat16)
                 g = jnp.asarray(sizes_for(rng, rows, slots, used))

@@ -38,13 +38,13 @@ NUM_STAGES = 2
 class TileSchedule:
     """Which rows each program multiplies by which group's weights.
 
-    tiles_max = ceil(m / BLOCK_M) + groups bounds the tiles of any group sizes (each non-empty
-    group adds at most one partial tile); the tiles after the last real one have zero rows and
-    their programs return at once."""
+    tiles_max = ceil(m / BLOCK_M) + min(groups, m) bounds the tiles of any group sizes (each
+    non-empty group adds at most one partial tile, and at most m groups are non-empty); the
+    tiles after the last real one have zero rows and their programs return at once."""
 
     def __init__(self, group_sizes: Int[Array, " g"], m: int):
         g = group_sizes.shape[0]
-        self.tiles_max = pl.cdiv(m, BLOCK_M) + g
+        self.tiles_max = pl.cdiv(m, BLOCK_M) + min(g, m)  # at most m groups have rows
         ends = jnp.cumsum(group_sizes)
         starts = ends - group_sizes
         tiles = (group_sizes + BLOCK_M - 1) // BLOCK_M  # 0 for an empty group

@@ -34,6 +34,7 @@ def operands(seed, sizes, extra_rows=0, dtype=jnp.float32):
         ([0, 0, 2 * BLOCK_M + 1, 0], 5),  # one group over three tiles, rows of no group
         ([0, 0, 0], 7),  # no rows in any group
         ([BLOCK_M, BLOCK_M, 0, BLOCK_M], 0),  # tile-aligned groups
+        ([1, 0, 0, 1, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0], 0),  # more groups than rows
     ],
 )
 def test_matches_ragged_dot(sizes, extra_rows):
