@@ -136,7 +136,9 @@ def run_schedule(cfg, params, devices, seed, load, events):
     return engine, coordinator
 
 
-@pytest.mark.parametrize("load,seed", [("skewed", 1), ("even", 2)])
+@pytest.mark.parametrize(
+    "load,seed", [("skewed", 1), pytest.param("even", 2, marks=pytest.mark.slow)]
+)
 def test_every_slot_holds_its_expert_through_random_schedules(model, devices, load, seed):
     cfg, params = model
     run_schedule(cfg, params, devices, seed, load, events=5)

@@ -63,6 +63,7 @@ def test_same_outputs_with_stop_tokens_and_lengths(model, devices):
     assert run(model, devices, overlap=True, stop_ids=stop) == sync
 
 
+@pytest.mark.slow  # overlap_steps is off by default; the stop-token test stays in the suite
 def test_same_outputs_through_abort_fail_and_rejoin(model, devices):
     def script(step, engine, coordinator):
         if step == 3:
