@@ -251,8 +251,7 @@ class Coordinator:
         # The poisoning simulates the loss itself; it is not part of the recovery's pause.
         elapsed_ms = 1000 * (time.perf_counter() - started) - applied.poison_ms
         result.pause_ms = detect_ms + elapsed_ms
-        self.history.append(result)
-        del self.history[:-HISTORY_KEPT]
+        remember_newest(self.history, result)
         if self.standby:
             if self._standby_timer is not None:
                 self._standby_timer.cancel()
@@ -266,15 +265,7 @@ class Coordinator:
         return result
 
     def _known(self, device_ids: Iterable[int]) -> list[int]:
-        ids = sorted({int(i) for i in device_ids})
-        if not ids:
-            raise ValueError("no device ids given")
-        unknown = [i for i in ids if i not in self.pool]
-        if unknown:
-            raise UnknownDevice(
-                f"unknown device ids {unknown}; this deployment has {sorted(self.pool)}"
-            )
-        return ids
+        return known_device_ids(device_ids, self.pool)
 
     def _repeat(self, op_id: str, action: str, ids: list[int]) -> Reconfiguration | None:
         """The earlier result of a retried operation (same op id, action and devices); an op
@@ -392,6 +383,25 @@ def mesh_status(
         queued_requests=len(engine.waiting),
         last=last,
     )
+
+
+def known_device_ids(device_ids: Iterable[int], known: Iterable[int]) -> list[int]:
+    """The ids sorted, without repeats; ValueError when empty, UnknownDevice naming any id
+    this deployment does not have."""
+    ids = sorted({int(i) for i in device_ids})
+    if not ids:
+        raise ValueError("no device ids given")
+    known = set(known)
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise UnknownDevice(f"unknown device ids {unknown}; this deployment has {sorted(known)}")
+    return ids
+
+
+def remember_newest(history: list[Reconfiguration], result: Reconfiguration) -> None:
+    """Appends result and keeps the newest HISTORY_KEPT entries."""
+    history.append(result)
+    del history[:-HISTORY_KEPT]
 
 
 def _moves(

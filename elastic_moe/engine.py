@@ -260,10 +260,7 @@ class Engine:
         from its journal, and the KV cache is discarded: after a step failed midway its
         buffers (donated to the failed program) cannot be trusted. Returns how many."""
         self._launched = None  # its output went with the failed step: never read
-        running = [o for o in self.slot_owner if o is not None]
-        for request_id in reversed(running):
-            self.journal.get(request_id).reprefills += 1
-            self.waiting.appendleft(request_id)
+        running = self._requeue_for_reprefill(self.running)
         self.slot_owner = [None] * len(self.slot_owner)
         self.mesh.discard_cache()
         self.in_flight_untrusted = False
@@ -311,10 +308,7 @@ class Engine:
         process died): every running request goes back to be re-prefilled from its journal,
         since neither the failed step nor any survivor's cache is trusted. Returns how many."""
         self._launched = None  # launched on the old mesh: not trusted
-        running = [o for o in self.slot_owner if o is not None]
-        for request_id in reversed(running):
-            self.journal.get(request_id).reprefills += 1
-            self.waiting.appendleft(request_id)
+        running = self._requeue_for_reprefill(self.running)
         self.mesh = mesh
         self.slot_owner = [None] * mesh.geometry.num_request_slots
         self.in_flight_untrusted = False
@@ -381,15 +375,20 @@ class Engine:
             if old is not None:
                 owners[j * per : (j + 1) * per] = self.slot_owner[old * per : (old + 1) * per]
         kept = {o for o in owners if o is not None}
-        lost = [o for o in self.slot_owner if o is not None and o not in kept]
-        for request_id in reversed(lost):
-            self.journal.get(request_id).reprefills += 1
-            self.waiting.appendleft(request_id)
+        lost = self._requeue_for_reprefill([o for o in self.running if o not in kept])
         self.slot_owner = owners
         self.mesh = new_mesh
         return len(lost)
 
     # ---- bookkeeping --------------------------------------------------------------------
+    def _requeue_for_reprefill(self, request_ids: list[str]) -> list[str]:
+        """Puts running requests first in line, in slot order, to be re-prefilled from their
+        journals (their slots are the caller's to clear). Returns request_ids."""
+        for request_id in reversed(request_ids):
+            self.journal.get(request_id).reprefills += 1
+            self.waiting.appendleft(request_id)
+        return request_ids
+
     @property
     def running(self) -> list[str]:
         return [o for o in self.slot_owner if o is not None]

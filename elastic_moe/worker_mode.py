@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from elastic_moe.coordinator import mesh_status
+from elastic_moe.coordinator import known_device_ids, mesh_status, remember_newest
 from elastic_moe.engine import Engine, TokenEvent
 from elastic_moe.faults import StepFailed
 from elastic_moe.frontend_engine import recover_on_survivors
@@ -35,13 +35,11 @@ from elastic_moe.reconfiguration import (
     Reconfiguration,
     ReconfigurationKind,
     ReconfigurationRefused,
-    UnknownDevice,
 )
 from elastic_moe.remote_mesh import RemoteMesh
 from elastic_moe.worker_pool import WorkerError, WorkerFailure
 
 log = logging.getLogger("elastic_moe.workers")
-HISTORY_KEPT = 1000
 REJOIN_MODES = ("restart", "in-place")
 
 
@@ -160,13 +158,7 @@ class WorkerCoordinator:
         workers that own them are stopped (SIGKILL, as a fault would) and the others deploy
         again over their own devices. Refused for part of a worker's devices."""
         ids = self._known(device_ids)
-        workers = sorted({self.owner[d] for d in ids})
-        whole = self.pool.device_ids(workers)
-        if whole != ids:
-            raise ReconfigurationRefused(
-                f"in worker mode the devices of a worker fail together: worker(s) {workers} "
-                f"own devices {whole}; nothing changed"
-            )
+        workers = self._whole_workers(ids, "the devices of a worker fail together")
         serving = set(self.engine.mesh.device_ids)
         not_serving = [d for d in ids if d not in serving]
         if not_serving:
@@ -196,13 +188,7 @@ class WorkerCoordinator:
         (same process id, a new incarnation in the coordination service), then every live
         worker deploys over the grown mesh and every request in flight is re-prefilled."""
         ids = self._known(device_ids)
-        workers = sorted({self.owner[d] for d in ids})
-        whole = self.pool.device_ids(workers)
-        if whole != ids:
-            raise ReconfigurationRefused(
-                f"in worker mode a worker's devices rejoin together: worker(s) {workers} own "
-                f"devices {whole}; nothing changed"
-            )
+        workers = self._whole_workers(ids, "a worker's devices rejoin together")
         already = [d for d in ids if d in self.engine.mesh.device_ids]
         if already:
             raise ReconfigurationRefused(f"devices {already} are already serving")
@@ -310,8 +296,7 @@ class WorkerCoordinator:
             lengths = sorted(engine.prefill_lengths_seen) or [engine.options.min_prefill_bucket]
             engine.mesh.standby(lengths)  # for the next death (serving waits for it)
         result.pause_ms = detect_ms + 1000 * (time.perf_counter() - started)
-        self.history.append(result)
-        del self.history[:-HISTORY_KEPT]
+        remember_newest(self.history, result)
         log.info(
             "epoch %d -> %d (%s): deployed over %s in %.0f ms, %d requests re-prefilled",
             result.from_epoch,
@@ -338,15 +323,17 @@ class WorkerCoordinator:
         thread.start()
 
     def _known(self, device_ids: Iterable[int]) -> list[int]:
-        ids = sorted({int(i) for i in device_ids})
-        if not ids:
-            raise ValueError("no device ids given")
-        unknown = [i for i in ids if i not in self.owner]
-        if unknown:
-            raise UnknownDevice(
-                f"unknown device ids {unknown}; this deployment has {sorted(self.owner)}"
+        return known_device_ids(device_ids, self.owner)
+
+    def _whole_workers(self, ids: list[int], what: str) -> list[int]:
+        """The workers owning ids; refused unless ids are all of those workers' devices."""
+        workers = sorted({self.owner[d] for d in ids})
+        whole = self.pool.device_ids(workers)
+        if whole != ids:
+            raise ReconfigurationRefused(
+                f"in worker mode {what}: worker(s) {workers} own devices {whole}; nothing changed"
             )
-        return ids
+        return workers
 
 
 def last_error_line(error: BaseException, limit: int = 300) -> str:
