@@ -44,11 +44,23 @@ def parse() -> argparse.Namespace:
         action="store_true",
         help="cProfile the engine steps of the first variant: where the host's time goes",
     )
+    p.add_argument(
+        "--profile-device",
+        default="",
+        metavar="DIR",
+        help="trace the first variant's timed decode steps into DIR and print device time per "
+        "named scope (attention, routing, dispatch, grouped_matmul, combine, ...)",
+    )
     return p.parse_args()
 
 
 def main() -> int:
     args = parse()
+    if args.profile_device:  # the HLO dump names each kernel's scopes; set before jax loads
+        from device_profile import dump_flags
+
+        dump = os.path.join(args.profile_device, "hlo")
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + dump_flags(dump)
     simulate_devices_unless_gpu(args.devices)
     import jax
     import numpy as np
@@ -79,6 +91,7 @@ def main() -> int:
         return rows
 
     profiled: list[str] = []
+    traced_once: list[str] = []
 
     def measure(engine, name):
         rng = np.random.default_rng(0)
@@ -102,6 +115,17 @@ def main() -> int:
             jax.block_until_ready(out.tokens)
             times.append(time.perf_counter() - start)
         device_ms = 1000 * float(np.median(times))
+        if args.profile_device and not traced_once:
+            from device_profile import print_summary, traced
+
+            traced_once.append(name)
+            trace_dir = os.path.join(args.profile_device, "trace")
+            with traced(trace_dir):
+                for _ in range(args.steps):
+                    out = mesh.decode(tokens, positions, sampling)
+                jax.block_until_ready(out.tokens)
+            print(f"# device profile of {args.steps} decode steps, {name}:")
+            print_summary(trace_dir, os.path.join(args.profile_device, "hlo"), args.steps)
         profiler = None
         if args.profile_host and not profiled:
             import cProfile

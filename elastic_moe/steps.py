@@ -91,7 +91,8 @@ def _local_forward(graphdef, cfg: ModelConfig, numerics: str):
             axis_name=EXPERT_AXIS,
             numerics=numerics,
         )
-        next_tokens, logprobs = sample(logits, *sampling, numerics)
+        with jax.named_scope("sampling"):
+            next_tokens, logprobs = sample(logits, *sampling, numerics)
         return StepOutput(next_tokens, logprobs, logits, cache, load)
 
     return forward

@@ -42,19 +42,19 @@ class TileSchedule:
     non-empty group adds at most one partial tile, and at most m groups are non-empty); the
     tiles after the last real one have zero rows and their programs return at once."""
 
-    def __init__(self, group_sizes: Int[Array, " g"], m: int):
+    def __init__(self, group_sizes: Int[Array, " g"], m: int, block_m: int = BLOCK_M):
         g = group_sizes.shape[0]
-        self.tiles_max = pl.cdiv(m, BLOCK_M) + min(g, m)  # at most m groups have rows
+        self.tiles_max = pl.cdiv(m, block_m) + min(g, m)  # at most m groups have rows
         ends = jnp.cumsum(group_sizes)
         starts = ends - group_sizes
-        tiles = (group_sizes + BLOCK_M - 1) // BLOCK_M  # 0 for an empty group
+        tiles = (group_sizes + block_m - 1) // block_m  # 0 for an empty group
         t = jnp.arange(self.tiles_max, dtype=jnp.int32)
         group = jnp.repeat(
             jnp.arange(g, dtype=jnp.int32), tiles, total_repeat_length=self.tiles_max
         )
         first_tile = jnp.cumsum(tiles) - tiles
-        row_start = starts[group] + (t - first_tile[group]) * BLOCK_M
-        rows = jnp.clip(ends[group] - row_start, 0, BLOCK_M)
+        row_start = starts[group] + (t - first_tile[group]) * block_m
+        rows = jnp.clip(ends[group] - row_start, 0, block_m)
         rows = jnp.where(t < tiles.sum(), rows, 0)
         self.group = group.astype(jnp.int32)
         self.row_start = jnp.where(rows > 0, row_start, 0).astype(jnp.int32)
@@ -62,7 +62,18 @@ class TileSchedule:
 
 
 def _kernel(
-    group_ref, start_ref, rows_ref, x_ref, w_ref, out_ref, *, k: int, block_n: int, block_k: int
+    group_ref,
+    start_ref,
+    rows_ref,
+    x_ref,
+    w_ref,
+    out_ref,
+    *,
+    k: int,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    precision: jax.lax.Precision | None,
 ):
     from jax.experimental.pallas import triton as plt
 
@@ -72,40 +83,51 @@ def _kernel(
     @pl.when(rows > 0)
     def _():
         group, start = group_ref[tile], start_ref[tile]
-        row_mask = jnp.arange(BLOCK_M) < rows
+        row_mask = jnp.arange(block_m) < rows
         cols = pl.ds(col * block_n, block_n)
 
         def body(i, acc):
             ks = pl.ds(i * block_k, block_k)
-            x = plt.load(x_ref.at[pl.ds(start, BLOCK_M), ks], mask=row_mask[:, None], other=0.0)
+            x = plt.load(x_ref.at[pl.ds(start, block_m), ks], mask=row_mask[:, None], other=0.0)
             w = plt.load(w_ref.at[group, ks, cols])
-            return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+            return acc + jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
 
-        acc = jax.lax.fori_loop(0, k // block_k, body, jnp.zeros((BLOCK_M, block_n), jnp.float32))
+        acc = jax.lax.fori_loop(0, k // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
         plt.store(
-            out_ref.at[pl.ds(start, BLOCK_M), cols],
+            out_ref.at[pl.ds(start, block_m), cols],
             acc.astype(out_ref.dtype),
             mask=row_mask[:, None],
         )
 
 
-def _like(x: jax.Array, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+def _like(x: jax.Array, shape: tuple[int, ...], dtype=None) -> jax.ShapeDtypeStruct:
     """An output shape that varies over the same mesh axes as x (inside shard_map, Pallas
     needs to be told)."""
+    dtype = x.dtype if dtype is None else dtype
     mat = getattr(jax.typeof(x), "mat", None)
     if mat is None:
-        return jax.ShapeDtypeStruct(shape, x.dtype)
-    return jax.ShapeDtypeStruct(shape, x.dtype, manual_axis_type=mat)
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
-def supported(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
+def supported(x_shape: tuple[int, ...], w_shape: tuple[int, ...], block_n: int = BLOCK_N) -> bool:
     """Shapes the kernel tiles exactly (K and N whole blocks, at least one row tile)."""
     (_, k), (_, k2, n) = x_shape, w_shape
-    return k == k2 and k % BLOCK_K == 0 and n % BLOCK_N == 0
+    return k == k2 and k % BLOCK_K == 0 and n % block_n == 0
 
 
 @functools.partial(
-    jax.jit, static_argnames=("interpret", "block_n", "block_k", "num_warps", "num_stages")
+    jax.jit,
+    static_argnames=(
+        "interpret",
+        "block_m",
+        "block_n",
+        "block_k",
+        "num_warps",
+        "num_stages",
+        "precision",
+        "out_dtype",
+    ),
 )
 def grouped_matmul_kernel(
     x: Float[Array, "m k"],
@@ -113,28 +135,35 @@ def grouped_matmul_kernel(
     group_sizes: Int[Array, " g"],
     *,
     interpret: bool = False,
+    block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
     block_k: int = BLOCK_K,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
+    precision: jax.lax.Precision | None = None,
+    out_dtype=None,
 ) -> Float[Array, "m n"]:
     """out[r] = x[r] @ w[group of r] for rows in a group (groups are consecutive runs of rows,
     in order); rows after the last group are 0. The tiling arguments are for tuning: the
-    serving path uses one fixed tiling everywhere (a row's bits depend on it)."""
+    serving path uses one fixed tiling everywhere (a row's bits depend on it). precision:
+    HIGHEST makes float32 products exact float32 (IEEE) instead of TF32. out_dtype: x's dtype
+    unless given (float32 keeps the accumulator unrounded)."""
     m, k = x.shape
     n = w.shape[2]
-    schedule = TileSchedule(group_sizes.astype(jnp.int32), m)
+    schedule = TileSchedule(group_sizes.astype(jnp.int32), m, block_m)
     # A tile's last rows may lie past the end: Triton's masked loads and stores never touch
     # them, but the interpreter slices first (clamping the start), so it gets padding.
-    pad = BLOCK_M if interpret else 0
+    pad = block_m if interpret else 0
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plt
 
         compiler_params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
-        functools.partial(_kernel, k=k, block_n=block_n, block_k=block_k),
-        out_shape=_like(x, (m + pad, n)),
+        functools.partial(
+            _kernel, k=k, block_m=block_m, block_n=block_n, block_k=block_k, precision=precision
+        ),
+        out_shape=_like(x, (m + pad, n), out_dtype),
         grid=(schedule.tiles_max, n // block_n),
         interpret=interpret,
         compiler_params=compiler_params,

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models.fixed_order import fixed_order_sum
+from models.row_invariant import matmul
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -42,7 +43,7 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_out"]:
-        y = x @ self.kernel[...]
+        y = matmul(x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...]
         return y

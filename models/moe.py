@@ -33,6 +33,7 @@ from models.config import ModelConfig
 from models.grouped_matmul import grouped_matmul
 from models.layers import Dense, SwiGLU, dtype_of
 from models.router import route
+from models.row_invariant import matmul
 
 NUMERICS_MODES = ("invariant", "fast")
 
@@ -73,19 +74,20 @@ def expert_parallel_ffn(
     t, k = slots.shape
     s = w_gate.shape[0]
     home_slots, home_weights = slots, weights
-    if axis_name is not None:
-        x_all = jax.lax.all_gather(x, axis_name, tiled=True)
-        slots = jax.lax.all_gather(slots, axis_name, tiled=True)
-        weights = jax.lax.all_gather(weights, axis_name, tiled=True)
-        first_slot = jax.lax.axis_index(axis_name) * s
-    else:
-        x_all, first_slot = x, 0
-    local = (slots - first_slot).reshape(-1)
-    mine = (local >= 0) & (local < s)
-    group = jnp.where(mine, local, s)
-    order = jnp.argsort(group, stable=True)
-    rows = x_all[order // k]
-    group_sizes = jnp.bincount(group, length=s + 1)[:s].astype(jnp.int32)
+    with jax.named_scope("dispatch"):
+        if axis_name is not None:
+            x_all = jax.lax.all_gather(x, axis_name, tiled=True)
+            slots = jax.lax.all_gather(slots, axis_name, tiled=True)
+            weights = jax.lax.all_gather(weights, axis_name, tiled=True)
+            first_slot = jax.lax.axis_index(axis_name) * s
+        else:
+            x_all, first_slot = x, 0
+        local = (slots - first_slot).reshape(-1)
+        mine = (local >= 0) & (local < s)
+        group = jnp.where(mine, local, s)
+        order = jnp.argsort(group, stable=True)
+        rows = x_all[order // k]
+        group_sizes = jnp.bincount(group, length=s + 1)[:s].astype(jnp.int32)
     with jax.named_scope("grouped_matmul"):
         gate = grouped_matmul(rows, w_gate, group_sizes)
         up = grouped_matmul(rows, w_up, group_sizes)
@@ -94,11 +96,12 @@ def expert_parallel_ffn(
         with jax.named_scope("combine_invariant"):
             pairs = jnp.zeros_like(out).at[order].set(out)  # [(devices t) k, d], pair order
             return _combine_at_home(pairs, home_slots, home_weights, s, axis_name)
-    scale = weights.reshape(-1)[order].astype(out.dtype)
-    out = jnp.where(mine[order][:, None], out * scale[:, None], 0)
-    y = jnp.zeros_like(out).at[order].set(out).reshape(-1, k, out.shape[-1]).sum(axis=1)
-    if axis_name is not None:
-        y = jax.lax.psum_scatter(y, axis_name, scatter_dimension=0, tiled=True)
+    with jax.named_scope("combine_fast"):
+        scale = weights.reshape(-1)[order].astype(out.dtype)
+        out = jnp.where(mine[order][:, None], out * scale[:, None], 0)
+        y = jnp.zeros_like(out).at[order].set(out).reshape(-1, k, out.shape[-1]).sum(axis=1)
+        if axis_name is not None:
+            y = jax.lax.psum_scatter(y, axis_name, scatter_dimension=0, tiled=True)
     return y
 
 
@@ -184,19 +187,21 @@ class MoEBlock(nnx.Module):
 
         With "invariant" numerics the routed and shared outputs are added in float32 and
         rounded once to x's dtype."""
-        logits = x.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
-        bias = None if self.router_bias is None else self.router_bias[...]
-        weights, experts = route(logits, self.cfg, bias)
-        slots = physical_slots(experts, tables, token_ids)
+        with jax.named_scope("routing"):
+            logits = matmul(x.astype(jnp.float32), self.router.kernel[...].astype(jnp.float32))
+            bias = None if self.router_bias is None else self.router_bias[...]
+            weights, experts = route(logits, self.cfg, bias, numerics)
+            slots = physical_slots(experts, tables, token_ids)
         e = self.experts
         y = expert_parallel_ffn(
             x, slots, weights, e.w_gate[...], e.w_up[...], e.w_down[...], axis_name, numerics
         )
         if self.shared is not None:
-            shared = self.shared(x)
-            if self.shared_gate is not None:
-                shared = jax.nn.sigmoid(self.shared_gate(x)) * shared
-            y = y + shared.astype(y.dtype)
+            with jax.named_scope("shared_expert"):
+                shared = self.shared(x)
+                if self.shared_gate is not None:
+                    shared = jax.nn.sigmoid(self.shared_gate(x)) * shared
+                y = y + shared.astype(y.dtype)
         chosen = jnp.zeros((self.cfg.num_experts,), jnp.int32)
         chosen = chosen.at[experts].add(valid[:, None].astype(jnp.int32))
         if axis_name is not None:

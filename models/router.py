@@ -8,11 +8,14 @@ the sum of each group's two best biased scores) but the weights are the unbiased
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
+from models.fixed_order import fixed_order_softmax, fixed_order_sum
 
 
 def _limit_to_best_groups(
@@ -26,10 +29,23 @@ def _limit_to_best_groups(
     return jnp.where(expert_mask, selection, -jnp.inf)
 
 
+def _row_sum(x: Float[Array, "t k"], invariant: bool) -> Float[Array, "t 1"]:
+    return fixed_order_sum(x) if invariant else x.sum(-1, keepdims=True)
+
+
 def route(
-    logits: Float[Array, "t e"], cfg: ModelConfig, bias: Float[Array, " e"] | None = None
+    logits: Float[Array, "t e"],
+    cfg: ModelConfig,
+    bias: Float[Array, " e"] | None = None,
+    numerics: str = "invariant",
 ) -> tuple[Float[Array, "t k"], Int[Array, "t k"]]:
-    """Top-k routing weights and logical expert ids, in float32."""
+    """Top-k routing weights and logical expert ids, in float32.
+
+    numerics "invariant": the softmax and the renormalisation sum in a fixed order
+    (models.fixed_order); XLA's row reductions change bits with the number of rows (measured
+    on an H200: a re-prefilled token's routing weights differed from its decode step's)."""
+    invariant = numerics == "invariant"
+    softmax = fixed_order_softmax if invariant else functools.partial(jax.nn.softmax, axis=-1)
     logits = logits.astype(jnp.float32)
     k, groups = cfg.experts_per_token, cfg.num_expert_groups
     t, e = logits.shape
@@ -43,9 +59,9 @@ def route(
         _, experts = jax.lax.top_k(selection, k)
         weights = jnp.take_along_axis(scores, experts, axis=-1)
         if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+            weights = weights / (_row_sum(weights, invariant) + 1e-20)
     else:
-        scores = jax.nn.softmax(logits, axis=-1)
+        scores = softmax(logits)
         selection = scores
         if groups > 1:
             group_score = scores.reshape(t, groups, e // groups).max(-1)
@@ -53,5 +69,5 @@ def route(
         _, experts = jax.lax.top_k(selection, k)
         weights = jnp.take_along_axis(scores, experts, axis=-1)
         if cfg.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdims=True)
+            weights = weights / _row_sum(weights, invariant)
     return weights * cfg.routed_scaling_factor, experts.astype(jnp.int32)

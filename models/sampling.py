@@ -6,11 +6,13 @@ gets the same tokens whatever its batch row, mesh or reconfigurations.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt32
 
-from models.fixed_order import fixed_order_logsumexp
+from models.fixed_order import fixed_order_logsumexp, fixed_order_softmax
 
 
 def _sample_row(
@@ -20,6 +22,7 @@ def _sample_row(
     top_p: Float[Array, ""],
     seed: UInt32[Array, ""],
     step: Int[Array, ""],
+    numerics: str = "invariant",
 ) -> Int[Array, ""]:
     key = jax.random.fold_in(jax.random.key(seed), step)
     scaled = logits / jnp.maximum(temperature, 1e-6)
@@ -27,7 +30,7 @@ def _sample_row(
     ranked = scaled[order]
     keep = jnp.ones_like(ranked, dtype=bool)
     keep &= jnp.where(top_k > 0, jnp.arange(ranked.shape[0]) < top_k, True)
-    probs = jax.nn.softmax(ranked)
+    probs = fixed_order_softmax(ranked) if numerics == "invariant" else jax.nn.softmax(ranked)
     before = jnp.cumsum(probs) - probs  # mass of the better tokens
     keep &= jnp.where(top_p > 0, before < top_p, True)
     keep = keep.at[0].set(True)
@@ -51,7 +54,8 @@ def sample(
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def with_sampling() -> Int[Array, " b"]:
-        sampled = jax.vmap(_sample_row)(logits, temperature, top_k, top_p, seed, step)
+        row = functools.partial(_sample_row, numerics=numerics)
+        sampled = jax.vmap(row)(logits, temperature, top_k, top_p, seed, step)
         return jnp.where(temperature <= 0, greedy, sampled.astype(jnp.int32))
 
     # Sorting the vocabulary for every row is costly: skip it when no row samples.

@@ -18,6 +18,7 @@ from models.config import ModelConfig
 from models.kv_cache import LayerCache
 from models.layers import Dense, RMSNorm, SwiGLU, dtype_of
 from models.moe import ExpertTables, MoEBlock
+from models.row_invariant import lm_head_logits, row_invariant_when_asked
 
 
 class DecoderLayer(nnx.Module):
@@ -48,6 +49,7 @@ class MoETransformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, dtype=cfg.dtype)
         self.lm_head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, rngs=rngs)
 
+    @row_invariant_when_asked
     def __call__(
         self,
         tokens: Int[Array, "b c"],
@@ -67,7 +69,8 @@ class MoETransformer(nnx.Module):
         token_ids: a global index per token, used to spread tokens over expert replicas.
         numerics: "invariant" gives every token the same bits whatever the mesh and whatever
         shares its step (the MoE combine of models.moe, and norms and softmax in a fixed order,
-        models.fixed_order); "fast" sums expert outputs across devices and lets XLA order
+        models.fixed_order, and dense projections with one tiling for any row count on the
+        GPU, models.row_invariant); "fast" sums expert outputs across devices and lets XLA order
         every reduction.
         Tokens at positions >= max_seq_len are padding: they are not cached or counted.
         """
@@ -77,12 +80,14 @@ class MoETransformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)
         new_cache, loads = [], []
         for i, layer in enumerate(self.layers):
-            h, layer_cache = layer.attn(
-                layer.attn_norm(x, numerics), positions, cache[i], rows, numerics
-            )
+            with jax.named_scope("norm"):
+                h = layer.attn_norm(x, numerics)
+            with jax.named_scope("attention"):
+                h, layer_cache = layer.attn(h, positions, cache[i], rows, numerics)
             new_cache.append(layer_cache)
             x = x + h
-            h = layer.mlp_norm(x, numerics)
+            with jax.named_scope("norm"):
+                h = layer.mlp_norm(x, numerics)
             if layer.is_moe:
                 j = i - cfg.first_dense_layers
                 tables = ExpertTables(log2phy[j], replica_count[j])
@@ -94,11 +99,11 @@ class MoETransformer(nnx.Module):
             else:
                 h = layer.mlp(h)
             x = x + h
-        if last_index is None:
+        if last_index is not None:
+            x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
+        with jax.named_scope("norm"):
             last = self.final_norm(x, numerics)
-        else:
-            last = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
-            last = self.final_norm(last, numerics)
         head = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        logits = last.astype(jnp.float32) @ head.astype(jnp.float32)
+        with jax.named_scope("lm_head"):
+            logits = lm_head_logits(last, head)
         return logits, new_cache, jnp.stack(loads)
