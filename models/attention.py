@@ -15,7 +15,8 @@ from jaxtyping import Array, Float, Int
 from models.config import ModelConfig
 from models.fixed_order import fixed_order_softmax
 from models.kv_cache import LayerCache, write_layer_cache
-from models.layers import Dense, RMSNorm, apply_rope, rope_tables
+from models.layers import Dense, RMSNorm
+from models.rope import apply_rope, mla_softmax_scale, rope_tables
 
 # DeepSeek builds q_a_layernorm / kv_a_layernorm as `DeepseekV2RMSNorm(rank)`: eps is the class
 # default 1e-6, whatever the config's rms_norm_eps says.
@@ -89,7 +90,7 @@ class GroupedQueryAttention(nnx.Module):
         v = v.reshape(b, c, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "per_head":
             q, k = self.q_norm(q, numerics), self.k_norm(k, numerics)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache = write_layer_cache(cache, k, v, rows, positions)
         seen = _read(cache, rows)
@@ -139,12 +140,12 @@ class MultiHeadLatentAttention(nnx.Module):
         kv = kv.reshape(b, c, h, nope + cfg.v_head_dim)
         k_nope, v = kv[..., :nope], kv[..., nope:]
         k_rope = latent[..., cfg.kv_lora_rank :].reshape(b, c, 1, rope)
-        cos, sin = rope_tables(positions, rope, cfg.rope_theta)
+        cos, sin = rope_tables(positions, rope, cfg)
         q_rope = apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
         k_rope = apply_rope(k_rope, cos, sin, interleave=cfg.rope_interleave)
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, c, h, rope))], axis=-1)
         cache = write_layer_cache(cache, k, v, rows, positions)
         seen = _read(cache, rows)
-        out = attend(q, seen.k, seen.v, positions, (nope + rope) ** -0.5, numerics)
+        out = attend(q, seen.k, seen.v, positions, mla_softmax_scale(cfg), numerics)
         return self.o_proj(out.reshape(b, c, -1)), cache

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+RopeScaling = Literal["none", "linear", "yarn"]
 Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 RouterKind = Literal["softmax", "sigmoid"]
 AttentionKind = Literal["gqa", "mla"]
@@ -56,6 +57,18 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_theta: float = 10000.0
     rope_interleave: bool = False
+    # RoPE scaling (models/rope.py has the math): "linear" divides the frequencies by
+    # rope_factor; "yarn" blends them over rope_original_max_positions with the beta ramp and
+    # scales cos/sin (and DeepSeek's softmax, by rope_mscale_all_dim). None: not set in config.json.
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_original_max_positions: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float | None = None
+    rope_mscale_all_dim: float | None = None
+    rope_attention_factor: float | None = None
+    rope_truncate: bool = True
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
     dtype: str = "float32"
@@ -119,8 +132,36 @@ class ModelConfig:
                 raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
             if self.num_kv_heads != self.num_heads:
                 raise ConfigError("multi-head latent attention needs num_kv_heads == num_heads")
+        self._check_rope_scaling()
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling not in ("none", "linear", "yarn"):
+            raise ConfigError(
+                f"rope_scaling must be none, linear or yarn, got {self.rope_scaling!r}"
+            )
+        if self.rope_scaling == "none":
+            return
+        if not self.rope_factor > 0:
+            raise ConfigError(f"rope_factor must be positive, got {self.rope_factor}")
+        if self.rope_scaling == "linear":
+            return
+        if self.rope_factor < 1:
+            raise ConfigError(f"rope_factor must be >= 1 for yarn, got {self.rope_factor}")
+        if not self.rope_theta > 1:
+            raise ConfigError(f"rope_theta must be > 1 for yarn, got {self.rope_theta}")
+        if self.rope_original_max_positions <= 0:
+            raise ConfigError("rope_original_max_positions must be positive for yarn")
+        if not 0 < self.rope_beta_slow <= self.rope_beta_fast:
+            raise ConfigError(
+                f"yarn needs 0 < rope_beta_slow ({self.rope_beta_slow}) <= rope_beta_fast "
+                f"({self.rope_beta_fast})"
+            )
+        for field in ("rope_mscale", "rope_mscale_all_dim", "rope_attention_factor"):
+            value = getattr(self, field)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{field} must be >= 0, got {value}")
 
     @property
     def num_moe_layers(self) -> int:

@@ -71,20 +71,107 @@ def _object(hf: dict, key: str) -> dict:
 
 
 def _rope_theta(hf: dict, model_type: str) -> float:
-    """rope theta from `rope_parameters` (transformers 5) or `rope_theta` (hub); refuses scaling."""
+    """rope theta from `rope_parameters` (transformers 5) or `rope_theta` (hub); the scaling is
+    read by `_rope_scaling`."""
     params = _object(hf, "rope_parameters")
-    scaling = _object(hf, "rope_scaling")
-    for field, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind not in ("default", None):
-            raise _refuse(
-                model_type,
-                f"{field}.rope_type",
-                kind,
-                "only plain RoPE is implemented (no yarn / linear / dynamic / llama3 scaling)",
-            )
     default = _float(hf, "rope_theta", _DEFAULT_ROPE_THETA.get(model_type, 10000.0))
     return _float(params, "rope_theta", default)
+
+
+def _rope_number(spec: dict, field: str, key: str, default: float | None) -> float | None:
+    """A number >= 0 from a rope dict (null or absent: default); errors name `field.key`."""
+    value = spec.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{field}.{key} must be a finite number, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{field}.{key} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def _rope_scaling(hf: dict, model_type: str) -> dict:
+    """ModelConfig's rope_* scaling fields from `rope_scaling` (hub) or `rope_parameters`
+    (transformers 5; a non-empty `rope_scaling` wins, as in transformers). Linear and yarn are
+    implemented (models/rope.py); any other rope_type is refused naming the field."""
+    field = "rope_scaling" if _object(hf, "rope_scaling") else "rope_parameters"
+    spec = _object(hf, field)
+    kind = spec.get("rope_type", spec.get("type")) or "default"
+    if kind == "default":
+        return {}
+    if kind not in ("linear", "yarn"):
+        raise _refuse(
+            model_type,
+            f"{field}.rope_type",
+            kind,
+            "only plain, linear and yarn RoPE are implemented (no dynamic / llama3 / longrope)",
+        )
+    partial = spec.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise _refuse(model_type, "partial_rotary_factor", partial, "partial rotary dims")
+    factor = _rope_number(spec, field, "factor", None)
+    if not factor:
+        raise _refuse(model_type, f"{field}.factor", spec.get("factor"), f"{kind} needs a factor")
+    out = dict(
+        rope_scaling=kind,
+        rope_factor=factor,
+        rope_mscale_all_dim=_rope_number(spec, field, "mscale_all_dim", None),
+    )
+    if kind == "linear":
+        return out
+    # transformers prefers a top-level original_max_position_embeddings (Phi-3 style).
+    original = hf.get("original_max_position_embeddings") or spec.get(
+        "original_max_position_embeddings"
+    )
+    original = original or hf.get("max_position_embeddings")
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise _refuse(
+            model_type, f"{field}.original_max_position_embeddings", original, "must be > 0"
+        )
+    truncate = spec.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"{field}.truncate must be true or false, got {truncate!r}")
+    return dict(
+        out,
+        rope_original_max_positions=original,
+        # transformers: `beta_fast or 32`, `beta_slow or 1`: a 0 means the default too.
+        rope_beta_fast=_rope_number(spec, field, "beta_fast", None) or 32.0,
+        rope_beta_slow=_rope_number(spec, field, "beta_slow", None) or 1.0,
+        rope_mscale=_rope_number(spec, field, "mscale", None),
+        rope_attention_factor=_rope_number(spec, field, "attention_factor", None),
+        rope_truncate=truncate,
+    )
+
+
+# The one quantization implemented: DeepSeek-V3's FP8 weights, dequantized at load
+# (models/fp8_blocks.py); published V3 / R1 / Kimi K2 checkpoints all use 128 x 128 blocks.
+FP8_BLOCK_SIZE = (128, 128)
+
+
+def fp8_block_size(hf: dict) -> tuple[int, int] | None:
+    """(rows, cols) of the weight blocks of an FP8 block-quantized checkpoint, None when the
+    config has no quantization_config. Anything else is refused naming the field: another
+    quant_method, fmt, activation_scheme or weight_block_size."""
+    if not hf.get("quantization_config"):
+        return None
+    model_type = hf.get("model_type", "?")
+    quant = _object(hf, "quantization_config")
+    field = "quantization_config"
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise _refuse(model_type, f"{field}.quant_method", method, "only fp8 is implemented")
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise _refuse(model_type, f"{field}.fmt", quant["fmt"], "only e4m3 is implemented")
+    # Activations are never quantized here (weights are dequantized at load), so only the
+    # scheme that stores no activation scales is accepted.
+    if quant.get("activation_scheme", "dynamic") != "dynamic":
+        why = "only dynamic is implemented (static needs activation scales)"
+        raise _refuse(model_type, f"{field}.activation_scheme", quant["activation_scheme"], why)
+    block = quant.get("weight_block_size", list(FP8_BLOCK_SIZE))  # transformers' default
+    if not isinstance(block, (list, tuple)) or tuple(block) != FP8_BLOCK_SIZE:
+        why = f"only {list(FP8_BLOCK_SIZE)} blocks are implemented (per-tensor scales are not)"
+        raise _refuse(model_type, f"{field}.weight_block_size", block, why)
+    return FP8_BLOCK_SIZE
 
 
 def _sliding_window_in_effect(hf: dict, max_seq_len: int) -> int | None:
@@ -146,9 +233,7 @@ def config_from_hf(
         raise UnsupportedConfigError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if hf.get("quantization_config"):
-        method = _object(hf, "quantization_config").get("quant_method", "?")
-        raise _refuse(model_type, "quantization_config.quant_method", method, "quantized weights")
+    fp8_block_size(hf)  # refuses any quantization but DeepSeek's FP8 blocks
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(model_type, "hidden_act", hf["hidden_act"], "only silu is implemented")
     positions = _int(hf, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN_CAP)
@@ -173,6 +258,7 @@ def config_from_hf(
         experts_per_token=_int(hf, "num_experts_per_tok"),
         max_seq_len=seq_len,
         rope_theta=_rope_theta(hf, model_type),
+        **_rope_scaling(hf, model_type),
         rms_norm_eps=_float(hf, "rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=_dtype(hf, dtype),

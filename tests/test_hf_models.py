@@ -239,14 +239,14 @@ def test_max_seq_len_is_capped_and_overridable():
 @pytest.mark.parametrize(
     "arch, changes, field",
     [
-        ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40}}, "rope_type"),
-        ("mixtral", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ("deepseek_v3", {"rope_parameters": {"rope_type": "dynamic", "factor": 4}}, "rope_type"),
+        ("mixtral", {"rope_scaling": {"type": "llama3", "factor": 8.0}}, "rope_scaling"),
         ("mixtral", {"sliding_window": 64}, "sliding_window"),
         ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 16}, "sliding_window"),
         ("qwen2_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
         ("qwen3_moe", {"mlp_only_layers": [0]}, "mlp_only_layers"),
         ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
-        ("deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+        ("deepseek_v3", {"quantization_config": {"quant_method": "awq"}}, "quantization_config"),
         ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method"),
         ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
     ],
