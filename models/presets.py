@@ -12,6 +12,16 @@ from models.config import ModelConfig
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
 MANIFEST = "elastic_moe.json"  # the checkpoint's manifest: {"config": ModelConfig fields, ...}
 
+# DeepSeek-V3 / R1's published rope_scaling: yarn, factor 40 over 4096 positions, mscale 1.
+_DEEPSEEK_V3_YARN = dict(
+    rope_scaling="yarn",
+    rope_factor=40.0,
+    rope_original_max_positions=4096,
+    rope_beta_fast=32.0,
+    rope_beta_slow=1.0,
+    rope_mscale=1.0,
+    rope_mscale_all_dim=1.0,
+)
 _TINY = dict(vocab_size=256, d_model=64, num_layers=2, max_seq_len=128, rms_norm_eps=1e-6)
 
 PRESETS: dict[str, ModelConfig] = {
@@ -138,6 +148,49 @@ PRESETS: dict[str, ModelConfig] = {
         dense_d_ff=18432,
         max_seq_len=4096,
         dtype="bfloat16",
+        **_DEEPSEEK_V3_YARN,
+    ),
+    # Kimi K2 (moonshotai/Kimi-K2-Instruct config.json): DeepSeek-V3's architecture with 64
+    # heads, 384 experts in a single group, 1 dense layer and yarn over rope theta 50000.
+    "kimi-k2": ModelConfig(
+        name="kimi-k2",
+        architecture="deepseek_v3",
+        vocab_size=163840,
+        d_model=7168,
+        num_layers=61,
+        num_heads=64,
+        num_kv_heads=64,
+        head_dim=0,
+        attention="mla",
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope_interleave=True,
+        moe_d_ff=2048,
+        num_experts=384,
+        experts_per_token=8,
+        num_expert_groups=1,
+        topk_groups=1,
+        router="sigmoid",
+        router_bias=True,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.827,
+        num_shared_experts=1,
+        shared_d_ff=2048,
+        first_dense_layers=1,
+        dense_d_ff=18432,
+        max_seq_len=4096,
+        dtype="bfloat16",
+        rope_theta=50000.0,
+        rope_scaling="yarn",
+        rope_factor=32.0,
+        rope_original_max_positions=4096,
+        rope_beta_fast=1.0,  # Kimi K2 sets beta_fast = beta_slow = 1 (DeepSeek-V3: 32 / 1)
+        rope_beta_slow=1.0,
+        rope_mscale=1.0,
+        rope_mscale_all_dim=1.0,
     ),
 }
 
