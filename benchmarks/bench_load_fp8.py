@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dir", type=Path, default=None, help="write here (default: a tmp dir)")
     parser.add_argument("--keep", action="store_true", help="reuse --dir if it holds one")
     parser.add_argument("--devices", type=int, default=0, help="devices to serve on (0: all)")
+    parser.add_argument("--experts", type=int, default=0, help="routed experts (0: 256)")
+    parser.add_argument("--load-only", action="store_true", help="write and load, no engine")
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=12)
     args = parser.parse_args(argv)
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dict(V3_CONFIG, num_hidden_layers=args.layers)
     if args.tiny:
         cfg |= TINY
+    if args.experts:
+        cfg["n_routed_experts"] = args.experts
     with tempfile.TemporaryDirectory(prefix="bench_load_fp8_") as tmp:
         directory = args.dir or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
@@ -327,6 +331,8 @@ def serve(directory: Path, total: int, args) -> dict:
     seconds = time.perf_counter() - start
     rate = total / 1e9 / seconds
     row(f"load_hf: {total / 1e9:.3f} GB (FP8 -> {cfg.dtype}) in {seconds:.1f} s, {rate:.2f} GB/s")
+    if args.load_only:
+        return {"load_gb_per_s": rate, "baseline": None, "unchanged": None}
     devices = jax.devices()[: args.devices or None]
     rng = np.random.default_rng(1)
     prompts = [

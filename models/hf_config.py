@@ -1,9 +1,11 @@
 """Hugging Face `config.json` -> ModelConfig, for the six MoE architectures we implement.
 
 Accepts both hub-style configs (top-level `rope_theta` / `rope_scaling`, `num_experts`) and
-transformers-5 configs (`rope_parameters`, `num_local_experts`, `head_dim: null`). Anything that
-would change the math and that we do not implement (yarn rope, sliding windows in effect, dense
-layers interleaved with MoE layers, FP8 weights, ...) is refused with an error naming the field;
+transformers-5 configs (`rope_parameters`, `num_local_experts`, `head_dim: null`); yarn and linear
+rope scaling and DeepSeek's FP8 128 x 128 block quantization are implemented. Anything that
+would change the math and that we do not implement (dynamic / llama3 rope, sliding windows in
+effect, dense layers interleaved with MoE layers, other quantizations, ...) is refused with an
+error naming the field;
 see tools/hf_fixtures/ARCHITECTURES.md for what each architecture computes.
 """
 

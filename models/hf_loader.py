@@ -7,6 +7,9 @@ Both expert layouts are accepted: one tensor per expert (hub checkpoints, and wh
 `save_pretrained` writes: `experts.M.gate_proj` / Mixtral's `block_sparse_moe.experts.M.w1`) and
 the fused transformers-5 layout (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
 
+DeepSeek's FP8 block-quantized checkpoints (`<name>.weight` F8_E4M3 + `<name>.weight_scale_inv`)
+are dequantized to the model dtype while loading, 128 rows at a time (models/fp8_blocks.py).
+
 Anything surprising is an error (`CheckpointError`) naming the file and the tensor: a tensor we
 need that is missing, a shape that disagrees with config.json, a tensor we would silently drop,
 a truncated or corrupt file, a NaN or infinite weight, an index that names a shard outside the
