@@ -13,7 +13,6 @@ QKNorm = Literal["none", "per_head", "full"]
 # What the KV cache of multi-head latent attention holds per token: the normalised latent and the
 # shared rope key ("latent", the absorbed form DeepSeek serves with), or every head's key and
 # value ("per_head", as Hugging Face computes them; kept for comparison).
-MLACache = Literal["latent", "per_head"]
 MLA_CACHE_FORMS = ("latent", "per_head")
 
 
@@ -59,7 +58,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    mla_cache: MLACache = "latent"
+    mla_cache: str = "latent"  # one of MLA_CACHE_FORMS (a str, so a wrong one is a ConfigError)
     rope_theta: float = 10000.0
     rope_interleave: bool = False
     rms_norm_eps: float = 1e-6
