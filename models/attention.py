@@ -200,7 +200,7 @@ class MultiHeadLatentAttention(nnx.Module):
         numerics: str,
     ) -> tuple[Float[Array, "b c h v"], LayerCache]:
         cfg = self.cfg
-        b, c, h, nope = q_nope.shape
+        h, nope = q_nope.shape[2:]
         lora = cfg.kv_lora_rank
         # kv_b_proj's output is grouped per head, [nope | v] each (its kernel is [in, out]).
         w_kv = self.kv_b_proj.kernel[...].reshape(lora, h, nope + cfg.v_head_dim)

@@ -135,7 +135,7 @@ class ModelConfig:
 
     @property
     def key_head_dim(self) -> int:
-        """Per-head width of a cached key."""
+        """Per-head width of a key (what a per-head cache holds; see kv_cache.cache_layout)."""
         if self.attention == "mla":
             return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim
