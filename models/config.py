@@ -11,6 +11,10 @@ Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v
 RouterKind = Literal["softmax", "sigmoid"]
 AttentionKind = Literal["gqa", "mla"]
 QKNorm = Literal["none", "per_head", "full"]
+# What the KV cache of multi-head latent attention holds per token: the normalised latent and the
+# shared rope key ("latent", the absorbed form DeepSeek serves with), or every head's key and
+# value ("per_head", as Hugging Face computes them; kept for comparison).
+MLA_CACHE_FORMS = ("latent", "per_head")
 
 
 class ConfigError(ValueError):
@@ -55,6 +59,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    mla_cache: str = "latent"  # one of MLA_CACHE_FORMS (a str, so a wrong one is a ConfigError)
     rope_theta: float = 10000.0
     rope_interleave: bool = False
     # RoPE scaling (models/rope.py has the math): "linear" divides the frequencies by
@@ -132,6 +137,8 @@ class ModelConfig:
                 raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
             if self.num_kv_heads != self.num_heads:
                 raise ConfigError("multi-head latent attention needs num_kv_heads == num_heads")
+        if self.mla_cache not in MLA_CACHE_FORMS:
+            raise ConfigError(f"mla_cache must be one of {MLA_CACHE_FORMS}, got {self.mla_cache!r}")
         self._check_rope_scaling()
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
@@ -169,7 +176,7 @@ class ModelConfig:
 
     @property
     def key_head_dim(self) -> int:
-        """Per-head width of a cached key."""
+        """Per-head width of a key (what a per-head cache holds; see kv_cache.cache_layout)."""
         if self.attention == "mla":
             return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim

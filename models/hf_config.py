@@ -354,7 +354,7 @@ def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
     first_dense = _int(hf, "first_k_dense_replace", 0, minimum=0)
     return ModelConfig(
         **common,
-        num_kv_heads=common["num_heads"],  # MLA expands K/V per head; HF needs nkv == nh
+        num_kv_heads=common["num_heads"],  # HF expands MLA's K/V per head: needs nkv == nh
         head_dim=0,
         attention="mla",
         q_lora_rank=_int(hf, "q_lora_rank", 0, minimum=0),

@@ -22,6 +22,7 @@ def test_presets_are_valid(name):
         (dict(first_dense_layers=2), "first_dense_layers"),
         (dict(num_shared_experts=1, shared_d_ff=0), "shared_d_ff"),
         (dict(dtype="int8"), "dtype"),
+        (dict(mla_cache="compressed"), "mla_cache"),
     ],
 )
 def test_inconsistent_config_names_the_field(changes, field):
