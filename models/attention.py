@@ -16,7 +16,7 @@ from models.config import ModelConfig
 from models.fixed_order import fixed_order_softmax
 from models.kv_cache import LayerCache, write_layer_cache
 from models.layers import Dense, RMSNorm
-from models.rope import apply_rope, mla_softmax_scale, rope_tables
+from models.rope import apply_partial_rope, apply_rope, mla_softmax_scale, rope_tables
 
 # DeepSeek builds q_a_layernorm / kv_a_layernorm as `DeepseekV2RMSNorm(rank)`: eps is the class
 # default 1e-6, whatever the config's rms_norm_eps says.
@@ -63,7 +63,8 @@ def _read(cache: LayerCache, rows: Int[Array, " b"] | None) -> LayerCache:
 
 
 class GroupedQueryAttention(nnx.Module):
-    """Mixtral, Qwen2/3-MoE and OLMoE attention; optional q/k norm and q/k/v bias."""
+    """Mixtral, Qwen2/3-MoE, OLMoE and GLM-4.5 attention; optional q/k norm, q/k/v bias and
+    partial RoPE."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -98,8 +99,8 @@ class GroupedQueryAttention(nnx.Module):
         v = v.reshape(b, c, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "per_head":
             q, k = self.q_norm(q, numerics), self.k_norm(k, numerics)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = rope_tables(positions, cfg.rope_dim, cfg)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         cache = write_layer_cache(cache, k, v, rows, positions)
         seen = _read(cache, rows)
         out = attend(q, seen.k, seen.v, positions, cfg.head_dim**-0.5, numerics)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 RopeScaling = Literal["none", "linear", "yarn"]
-Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+Architecture = Literal[
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"
+]
 RouterKind = Literal["softmax", "sigmoid"]
 AttentionKind = Literal["gqa", "mla"]
 QKNorm = Literal["none", "per_head", "full"]
@@ -74,6 +76,9 @@ class ModelConfig:
     rope_mscale_all_dim: float | None = None
     rope_attention_factor: float | None = None
     rope_truncate: bool = True
+    # GQA: only the first int(head_dim * partial_rotary_factor) dims of each head rotate (GLM-4.5
+    # rotates half); the rest pass through unrotated.
+    partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
     dtype: str = "float32"
@@ -98,6 +103,15 @@ class ModelConfig:
                 raise ConfigError(f"head_dim must be positive, got {self.head_dim}")
             if self.head_dim % 2:
                 raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+            if not 0 < self.partial_rotary_factor <= 1:
+                raise ConfigError(
+                    f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}"
+                )
+            if self.rope_dim < 2 or self.rope_dim % 2:
+                raise ConfigError(
+                    f"partial_rotary_factor {self.partial_rotary_factor} gives a rotary dim of "
+                    f"{self.rope_dim} (int(head_dim * factor)); it must be even and at least 2"
+                )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -137,6 +151,11 @@ class ModelConfig:
                 raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
             if self.num_kv_heads != self.num_heads:
                 raise ConfigError("multi-head latent attention needs num_kv_heads == num_heads")
+            if self.partial_rotary_factor != 1.0:
+                raise ConfigError(
+                    "partial_rotary_factor is for grouped-query attention; multi-head latent "
+                    "attention sets its rotary dims with qk_rope_head_dim"
+                )
         if self.mla_cache not in MLA_CACHE_FORMS:
             raise ConfigError(f"mla_cache must be one of {MLA_CACHE_FORMS}, got {self.mla_cache!r}")
         self._check_rope_scaling()
@@ -187,7 +206,10 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        """Rotated dims per head; int() truncates as transformers does."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

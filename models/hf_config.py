@@ -1,4 +1,4 @@
-"""Hugging Face `config.json` -> ModelConfig, for the six MoE architectures we implement.
+"""Hugging Face `config.json` -> ModelConfig, for the seven MoE architectures we implement.
 
 Accepts both hub-style configs (top-level `rope_theta` / `rope_scaling`, `num_experts`) and
 transformers-5 configs (`rope_parameters`, `num_local_experts`, `head_dim: null`); yarn and linear
@@ -16,7 +16,9 @@ from typing import Any
 
 from models.config import ConfigError, ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"
+)  # fmt: skip
 # Cache sizing: max_position_embeddings is often 32k-160k; a KV cache that long is rarely wanted.
 DEFAULT_MAX_SEQ_LEN_CAP = 4096
 # The default rope theta of each transformers config class, for configs that omit it.
@@ -267,6 +269,8 @@ def config_from_hf(
     )
     if model_type.startswith("deepseek"):
         return _deepseek(hf, model_type, common)
+    if model_type == "glm4_moe":
+        return _glm4_moe(hf, common)
 
     nkv = _int(hf, "num_key_value_heads", nh)
     gqa = dict(common, num_kv_heads=nkv, head_dim=_int(hf, "head_dim", d // nh))
@@ -373,4 +377,45 @@ def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
         first_dense_layers=first_dense,
         dense_d_ff=_int(hf, "intermediate_size") if first_dense else 0,
         **router,
+    )
+
+
+def _partial_rotary_factor(hf: dict, default: float) -> float:
+    """transformers 5 keeps it in rope_parameters; hub configs have it at the top level."""
+    top_level = _float(hf, "partial_rotary_factor", default)
+    return _float(_object(hf, "rope_parameters"), "partial_rotary_factor", top_level)
+
+
+def _glm4_moe(hf: dict, common: dict) -> ModelConfig:
+    """GLM-4.5 / 4.5-Air / 4.6: GQA with q/k/v biases, optional per-head q/k norm and partial
+    rope (rotate_half on the first half of each head by default); the DeepSeek-V3 router
+    (sigmoid, correction bias, groups by top-2 sum); one ungated shared expert; dense first
+    layers. Defaults are Glm4MoeConfig's, for keys a config omits. Like transformers, every
+    layer from first_k_dense_replace on is MoE whatever DeepSeek-style keys (moe_layer_freq,
+    scoring_func, topk_method) a config carries; the MTP layers after the last one are skipped
+    by the loader (num_nextn_predict_layers)."""
+    d, nh = common["d_model"], common["num_heads"]
+    moe_d_ff = _int(hf, "moe_intermediate_size")
+    n_shared = _int(hf, "n_shared_experts", 1, minimum=0)
+    first_dense = _int(hf, "first_k_dense_replace", 1, minimum=0)
+    experts_key = "n_routed_experts" if hf.get("n_routed_experts") is not None else None
+    return ModelConfig(
+        **common,
+        num_kv_heads=_int(hf, "num_key_value_heads", nh),
+        head_dim=_int(hf, "head_dim", d // nh),
+        partial_rotary_factor=_partial_rotary_factor(hf, 0.5),  # Glm4MoeConfig's default
+        attention_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="per_head" if hf.get("use_qk_norm", False) else "none",
+        moe_d_ff=moe_d_ff,
+        num_experts=_int(hf, experts_key or "num_local_experts"),
+        router="sigmoid",
+        router_bias=True,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        routed_scaling_factor=_float(hf, "routed_scaling_factor", 1.0),
+        num_expert_groups=_int(hf, "n_group", 1, minimum=0) or 1,
+        topk_groups=_int(hf, "topk_group", 1, minimum=0) or 1,
+        num_shared_experts=n_shared,
+        shared_d_ff=moe_d_ff * n_shared,
+        first_dense_layers=first_dense,
+        dense_d_ff=_int(hf, "intermediate_size") if first_dense else 0,
     )

@@ -240,7 +240,7 @@ def expected_tensors(cfg: ModelConfig) -> tuple[dict[str, Source], dict[str, Sou
             alternatives[prefix + "experts.down_proj"] = Source("fused_down", ex, (e_count, d, f))
             alternatives.setdefault(prefix + "gate.weight", names[moe + "gate.weight"])
         if cfg.num_shared_experts:
-            shared = "shared_experts." if cfg.attention == "mla" else "shared_expert."
+            shared = "shared_expert." if cfg.architecture == "qwen2_moe" else "shared_experts."
             for name, source in _swiglu_tensors(mlp + ("shared",), d, cfg.shared_d_ff).items():
                 names[hf + "mlp." + shared + name] = source
         if cfg.shared_expert_gate:

@@ -140,3 +140,17 @@ def apply_rope(
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def apply_partial_rope(
+    x: Float[Array, "batch seq heads dim"],
+    cos: Float[Array, "batch seq half"],
+    sin: Float[Array, "batch seq half"],
+) -> Float[Array, "batch seq heads dim"]:
+    """Rotate-half RoPE on the first 2 * half dims of each head, the rest unchanged (GLM's
+    partial_rotary_factor; transformers' apply_rotary_pos_emb slices q[..., :rotary_dim] so)."""
+    rotary_dim = 2 * cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    rotated = apply_rope(x[..., :rotary_dim], cos, sin)
+    return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)

@@ -1,8 +1,8 @@
 """Generate tiny Hugging Face reference checkpoints + expected outputs.
 
 Writes ``tests/fixtures/hf/<arch>/`` for mixtral, qwen2_moe, qwen3_moe, olmoe,
-deepseek_v2, deepseek_v3 (plus ``qwen3_moe_sharded``, and the published-DeepSeek variants of
-``VARIANTS``: yarn rope, FP8 block-quantized weights), each containing:
+deepseek_v2, deepseek_v3, glm4_moe (plus ``qwen3_moe_sharded``, and the variants of
+``VARIANTS``: yarn rope, FP8 block-quantized weights, ``glm4_moe_air``), each containing:
 
 * ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards +
   ``model.safetensors.index.json``) written by ``save_pretrained``;
@@ -172,6 +172,36 @@ CONFIGS: dict[str, dict] = {
         attention_bias=False,
         num_nextn_predict_layers=0,
     ),
+    "glm4_moe": dict(
+        hidden_size=40,
+        head_dim=16,  # explicit, != hidden/heads (=10), like real GLM-4.5 (128 vs 4096/96)
+        partial_rotary_factor=0.5,  # hub-style top-level key; only 8 of 16 dims rotate
+        intermediate_size=32,  # dense layer 0 (32, not 40: top-2 logit margins >= 0.04)
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,  # group score = sum of the top-2 biased scores; 1 of 2 groups kept
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        attention_bias=True,  # q/k/v biases (o_proj has none)
+        use_qk_norm=True,  # per-head q/k RMSNorm (GLM-4.5 / 4.6)
+        num_nextn_predict_layers=0,
+    ),
+}
+
+# Fixtures of an architecture above with some fields changed: name -> (model_type, changes).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    # GLM-4.5-Air's choices: no q/k norm, no expert groups, no routed scaling.
+    "glm4_moe_air": (
+        "glm4_moe",
+        dict(use_qk_norm=False, n_group=1, topk_group=1, routed_scaling_factor=1.0),
+    ),
 }
 
 
@@ -179,7 +209,7 @@ CONFIGS: dict[str, dict] = {
 # weights. The tiny variants stretch a 32-token context so that the ramp and the mscale act
 # within the 32 positions the tests run; qk_rope_head_dim 16 gives a fractional ramp value.
 FP8_BLOCK = [128, 128]
-VARIANTS: dict[str, tuple[str, dict]] = {
+VARIANTS |= {
     "deepseek_v3_yarn": (
         "deepseek_v3",
         dict(
@@ -239,13 +269,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 def build(arch: str):
     torch.manual_seed(SEED)
+    model_type, changes = VARIANTS.get(arch, (arch, {}))
     kwargs = dict(COMMON)
-    if arch in VARIANTS:
-        arch, changes = VARIANTS[arch]
-        kwargs.update(CONFIGS[arch], **changes)
-    else:
-        kwargs.update(CONFIGS[arch])
-    config = AutoConfig.for_model(arch, **kwargs)
+    kwargs.update(CONFIGS[model_type])
+    kwargs.update(changes)
+    config = AutoConfig.for_model(model_type, **kwargs)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", dtype=torch.float32
@@ -327,7 +355,7 @@ def write_fixture(model, out_dir: str, arch: str, max_shard_size=None):
     np.save(os.path.join(out_dir, "expected_logits.npy"), prompt_logits, allow_pickle=False)
     np.save(os.path.join(out_dir, "expected_greedy_logits.npy"), step_logits, allow_pickle=False)
     expected = {
-        "model_type": arch,
+        "model_type": VARIANTS.get(arch, (arch,))[0],
         "prompt": PROMPT,
         "greedy": greedy,
         "logits_file": "expected_logits.npy",
