@@ -394,6 +394,12 @@ def _glm4_moe(hf: dict, common: dict) -> ModelConfig:
     layer from first_k_dense_replace on is MoE whatever DeepSeek-style keys (moe_layer_freq,
     scoring_func, topk_method) a config carries; the MTP layers after the last one are skipped
     by the loader (num_nextn_predict_layers)."""
+    if common.get("rope_scaling", "none") != "none":
+        # GLM's published configs have no scaling; yarn over a partial rotary dim is untested.
+        field = "rope_scaling" if _object(hf, "rope_scaling") else "rope_parameters"
+        raise _refuse(
+            "glm4_moe", f"{field}.rope_type", common["rope_scaling"], "rope scaling with GLM"
+        )
     d, nh = common["d_model"], common["num_heads"]
     moe_d_ff = _int(hf, "moe_intermediate_size")
     n_shared = _int(hf, "n_shared_experts", 1, minimum=0)

@@ -85,7 +85,7 @@ def test_hub_style_config_gives_the_same_config():
          UnsupportedConfigError, "rope_type"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, UnsupportedConfigError,
          "rope_scaling"),
-        ({"quantization_config": {"quant_method": "fp8"}}, UnsupportedConfigError,
+        ({"quantization_config": {"quant_method": "awq"}}, UnsupportedConfigError,
          "quantization_config"),
         ({"hidden_act": "gelu"}, UnsupportedConfigError, "hidden_act"),
         ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 1.5}}, ConfigError,
