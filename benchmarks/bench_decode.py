@@ -35,6 +35,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hbm-gbs", type=float, default=3000.0, help="measured HBM GB/s (H100)")
     p.add_argument("--json", default="", help="write the results here too")
     p.add_argument(
+        "--mla-cache",
+        default="",
+        choices=["", "latent", "per_head"],
+        help="KV cache form of multi-head latent attention (default: the config's, latent)",
+    )
+    p.add_argument(
         "--overlap-steps",
         action="store_true",
         help="also R=0 with overlap_steps (each step launched before the last is read back)",
@@ -70,9 +76,13 @@ def main() -> int:
 
     t0 = time.perf_counter()
     cfg, params = model_to_time(args.preset, args.layers, args.max_seq_len)
+    if args.mla_cache:  # the parameters are the same for both forms
+        cfg = cfg.replace(mla_cache=args.mla_cache)
     print(f"# params ready in {time.perf_counter() - t0:.1f} s", flush=True)
     devices = jax.devices()[: args.devices]
     print(f"# {cfg.name} x{cfg.num_layers} layers on {len(devices)} x {devices[0].device_kind}")
+    if cfg.attention == "mla":
+        print(f"# MLA cache: {cfg.mla_cache}", flush=True)
 
     def run_variant(name, redundant, routing, lose_one=False, overlap=False):
         options = EngineOptions(
@@ -183,7 +193,8 @@ def main() -> int:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(config=cfg.name, layers=cfg.num_layers, results=results), f, indent=1)
+            summary = dict(config=cfg.name, layers=cfg.num_layers, mla_cache=cfg.mla_cache)
+            json.dump(dict(summary, results=results), f, indent=1)
     return 0
 
 
@@ -194,6 +205,7 @@ def roofline_ms(cfg, engine, hbm_gbs: float) -> float:
     import jax
     import numpy as np
 
+    from models.kv_cache import kv_bytes_per_token
     from models.params import abstract_params, is_expert_path, path_keys
 
     itemsize = np.dtype(cfg.dtype).itemsize
@@ -217,9 +229,7 @@ def roofline_ms(cfg, engine, hbm_gbs: float) -> float:
     kv = (
         geometry.request_slots_per_device
         * cfg.max_seq_len
-        * cfg.num_kv_heads
-        * (cfg.key_head_dim + cfg.value_head_dim)
-        * itemsize
+        * kv_bytes_per_token(cfg)  # the cache form's layout (MLA: latent or per head)
         * cfg.num_layers
     )
     return 1000 * (dense + expert_bytes + kv) / (hbm_gbs * 1e9)

@@ -15,7 +15,8 @@ from jaxtyping import Array, Float, Int
 from models.config import ModelConfig
 from models.fixed_order import fixed_order_softmax
 from models.kv_cache import LayerCache, write_layer_cache
-from models.layers import Dense, RMSNorm, apply_rope, rope_tables
+from models.layers import Dense, RMSNorm
+from models.rope import apply_partial_rope, apply_rope, mla_softmax_scale, rope_tables
 
 # DeepSeek builds q_a_layernorm / kv_a_layernorm as `DeepseekV2RMSNorm(rank)`: eps is the class
 # default 1e-6, whatever the config's rms_norm_eps says.
@@ -38,13 +39,21 @@ def attend(
     hkv = keys.shape[2]
     q = q.reshape(b, c, hkv, hq // hkv, dk)
     scores = jnp.einsum("bckgd,btkd->bkgct", q, keys, preferred_element_type=jnp.float32) * scale
-    key_positions = jnp.arange(keys.shape[1])
-    visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [b, c, t]
-    scores = jnp.where(visible[:, None, None, :, :], scores, -jnp.inf)
-    softmax = fixed_order_softmax if numerics == "invariant" else jax.nn.softmax
-    probs = softmax(scores).astype(values.dtype)
+    probs = causal_softmax(scores, q_positions, numerics).astype(values.dtype)
     out = jnp.einsum("bkgct,btkd->bckgd", probs, values)
     return out.reshape(b, c, hq, values.shape[-1])
+
+
+def causal_softmax(
+    scores: Float[Array, "b *heads c t"], q_positions: Int[Array, "b c"], numerics: str
+) -> Float[Array, "b *heads c t"]:
+    """Softmax over the cached positions a query may see (0..its own), in float32."""
+    key_positions = jnp.arange(scores.shape[-1])
+    visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [b, c, t]
+    visible = visible.reshape(visible.shape[0], *[1] * (scores.ndim - 3), *visible.shape[1:])
+    scores = jnp.where(visible, scores, -jnp.inf)
+    softmax = fixed_order_softmax if numerics == "invariant" else jax.nn.softmax
+    return softmax(scores)
 
 
 def _read(cache: LayerCache, rows: Int[Array, " b"] | None) -> LayerCache:
@@ -54,7 +63,8 @@ def _read(cache: LayerCache, rows: Int[Array, " b"] | None) -> LayerCache:
 
 
 class GroupedQueryAttention(nnx.Module):
-    """Mixtral, Qwen2/3-MoE and OLMoE attention; optional q/k norm and q/k/v bias."""
+    """Mixtral, Qwen2/3-MoE, OLMoE and GLM-4.5 attention; optional q/k norm, q/k/v bias and
+    partial RoPE."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -89,8 +99,8 @@ class GroupedQueryAttention(nnx.Module):
         v = v.reshape(b, c, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "per_head":
             q, k = self.q_norm(q, numerics), self.k_norm(k, numerics)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = rope_tables(positions, cfg.rope_dim, cfg)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         cache = write_layer_cache(cache, k, v, rows, positions)
         seen = _read(cache, rows)
         out = attend(q, seen.k, seen.v, positions, cfg.head_dim**-0.5, numerics)
@@ -98,8 +108,17 @@ class GroupedQueryAttention(nnx.Module):
 
 
 class MultiHeadLatentAttention(nnx.Module):
-    """DeepSeek-V2/V3 attention. The cache holds per-head keys and values (not the latent):
-    simple and exact; the absorbed, latent-cache form is a later optimisation."""
+    """DeepSeek-V2/V3 attention, with the cache form `cfg.mla_cache` picks.
+
+    "latent" (the absorbed form of DeepSeek's inference code): the cache holds, per token, the
+    normalised compressed KV c (kv_lora_rank) and the rotated rope key shared by all heads. With
+    kv_b_proj split per head into W_UK [kv_lora, h, nope] and W_UV [kv_lora, h, v], the nope
+    part of a score is q_nope . (W_UK c) = (W_UK^T q_nope) . c, and the output is
+    W_UV^T (sum_t p_t c_t): the per-head keys and values are never built. It is multi-query
+    attention whose one value head is c and whose one key head is [c | k_rope]; the cache's `v`
+    holds c and its `k` only what the key adds, k_rope (models.kv_cache says why).
+    "per_head": keys and values expanded per head and cached, as Hugging Face computes them.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -135,16 +154,66 @@ class MultiHeadLatentAttention(nnx.Module):
         q = q.reshape(b, c, h, nope + rope)
         q_nope, q_rope = q[..., :nope], q[..., nope:]
         latent = self.kv_a_proj(x)
-        kv = self.kv_b_proj(self.kv_a_norm(latent[..., : cfg.kv_lora_rank], numerics))
-        kv = kv.reshape(b, c, h, nope + cfg.v_head_dim)
-        k_nope, v = kv[..., :nope], kv[..., nope:]
+        c_kv = self.kv_a_norm(latent[..., : cfg.kv_lora_rank], numerics)
         k_rope = latent[..., cfg.kv_lora_rank :].reshape(b, c, 1, rope)
-        cos, sin = rope_tables(positions, rope, cfg.rope_theta)
+        cos, sin = rope_tables(positions, rope, cfg)
         q_rope = apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
         k_rope = apply_rope(k_rope, cos, sin, interleave=cfg.rope_interleave)
+        scale = mla_softmax_scale(cfg)
+        attend_form = self._latent if cfg.mla_cache == "latent" else self._per_head
+        out, cache = attend_form(
+            q_nope, q_rope, c_kv, k_rope, positions, cache, rows, scale, numerics
+        )
+        return self.o_proj(out.reshape(b, c, -1)), cache
+
+    def _per_head(
+        self,
+        q_nope: Float[Array, "b c h nope"],
+        q_rope: Float[Array, "b c h rope"],
+        c_kv: Float[Array, "b c kv_lora"],
+        k_rope: Float[Array, "b c 1 rope"],
+        positions: Int[Array, "b c"],
+        cache: LayerCache,
+        rows: Int[Array, " b"] | None,
+        scale: float,
+        numerics: str,
+    ) -> tuple[Float[Array, "b c h v"], LayerCache]:
+        cfg = self.cfg
+        b, c, h, nope = q_nope.shape
+        kv = self.kv_b_proj(c_kv).reshape(b, c, h, nope + cfg.v_head_dim)
+        k_nope, v = kv[..., :nope], kv[..., nope:]
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, c, h, rope))], axis=-1)
+        k_rope = jnp.broadcast_to(k_rope, (b, c, h, k_rope.shape[-1]))
+        k = jnp.concatenate([k_nope, k_rope], axis=-1)
         cache = write_layer_cache(cache, k, v, rows, positions)
         seen = _read(cache, rows)
-        out = attend(q, seen.k, seen.v, positions, (nope + rope) ** -0.5, numerics)
-        return self.o_proj(out.reshape(b, c, -1)), cache
+        return attend(q, seen.k, seen.v, positions, scale, numerics), cache
+
+    def _latent(
+        self,
+        q_nope: Float[Array, "b c h nope"],
+        q_rope: Float[Array, "b c h rope"],
+        c_kv: Float[Array, "b c kv_lora"],
+        k_rope: Float[Array, "b c 1 rope"],
+        positions: Int[Array, "b c"],
+        cache: LayerCache,
+        rows: Int[Array, " b"] | None,
+        scale: float,
+        numerics: str,
+    ) -> tuple[Float[Array, "b c h v"], LayerCache]:
+        cfg = self.cfg
+        h, nope = q_nope.shape[2:]
+        lora = cfg.kv_lora_rank
+        # kv_b_proj's output is grouped per head, [nope | v] each (its kernel is [in, out]).
+        w_kv = self.kv_b_proj.kernel[...].reshape(lora, h, nope + cfg.v_head_dim)
+        w_uk, w_uv = w_kv[..., :nope], w_kv[..., nope:]  # [lora, h, nope], [lora, h, v]
+        # Contractions over one token's own vectors only: no sum spans rows of the batch.
+        q_latent = jnp.einsum("bchn,lhn->bchl", q_nope, w_uk)
+        cache = write_layer_cache(cache, k_rope, c_kv[:, :, None, :], rows, positions)
+        seen = _read(cache, rows)  # k: [b, t, 1, rope] rope keys; v: [b, t, 1, lora] latents
+        f32 = jnp.float32
+        scores = jnp.einsum("bchl,btl->bhct", q_latent, seen.v[:, :, 0], preferred_element_type=f32)
+        scores += jnp.einsum("bchr,btr->bhct", q_rope, seen.k[:, :, 0], preferred_element_type=f32)
+        probs = causal_softmax(scores * scale, positions, numerics).astype(seen.v.dtype)
+        out_latent = jnp.einsum("bhct,btl->bchl", probs, seen.v[:, :, 0])
+        return jnp.einsum("bchl,lhv->bchv", out_latent, w_uv), cache

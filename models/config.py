@@ -6,10 +6,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+RopeScaling = Literal["none", "linear", "yarn"]
+Architecture = Literal[
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"
+]
 RouterKind = Literal["softmax", "sigmoid"]
 AttentionKind = Literal["gqa", "mla"]
 QKNorm = Literal["none", "per_head", "full"]
+# What the KV cache of multi-head latent attention holds per token: the normalised latent and the
+# shared rope key ("latent", the absorbed form DeepSeek serves with), or every head's key and
+# value ("per_head", as Hugging Face computes them; kept for comparison).
+MLA_CACHE_FORMS = ("latent", "per_head")
 
 
 class ConfigError(ValueError):
@@ -54,8 +61,24 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    mla_cache: str = "latent"  # one of MLA_CACHE_FORMS (a str, so a wrong one is a ConfigError)
     rope_theta: float = 10000.0
     rope_interleave: bool = False
+    # RoPE scaling (models/rope.py has the math): "linear" divides the frequencies by
+    # rope_factor; "yarn" blends them over rope_original_max_positions with the beta ramp and
+    # scales cos/sin (and DeepSeek's softmax, by rope_mscale_all_dim). None: not set in config.json.
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_original_max_positions: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float | None = None
+    rope_mscale_all_dim: float | None = None
+    rope_attention_factor: float | None = None
+    rope_truncate: bool = True
+    # GQA: only the first int(head_dim * partial_rotary_factor) dims of each head rotate (GLM-4.5
+    # rotates half); the rest pass through unrotated.
+    partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
     dtype: str = "float32"
@@ -80,6 +103,15 @@ class ModelConfig:
                 raise ConfigError(f"head_dim must be positive, got {self.head_dim}")
             if self.head_dim % 2:
                 raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+            if not 0 < self.partial_rotary_factor <= 1:
+                raise ConfigError(
+                    f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}"
+                )
+            if self.rope_dim < 2 or self.rope_dim % 2:
+                raise ConfigError(
+                    f"partial_rotary_factor {self.partial_rotary_factor} gives a rotary dim of "
+                    f"{self.rope_dim} (int(head_dim * factor)); it must be even and at least 2"
+                )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -119,8 +151,43 @@ class ModelConfig:
                 raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
             if self.num_kv_heads != self.num_heads:
                 raise ConfigError("multi-head latent attention needs num_kv_heads == num_heads")
+            if self.partial_rotary_factor != 1.0:
+                raise ConfigError(
+                    "partial_rotary_factor is for grouped-query attention; multi-head latent "
+                    "attention sets its rotary dims with qk_rope_head_dim"
+                )
+        if self.mla_cache not in MLA_CACHE_FORMS:
+            raise ConfigError(f"mla_cache must be one of {MLA_CACHE_FORMS}, got {self.mla_cache!r}")
+        self._check_rope_scaling()
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling not in ("none", "linear", "yarn"):
+            raise ConfigError(
+                f"rope_scaling must be none, linear or yarn, got {self.rope_scaling!r}"
+            )
+        if self.rope_scaling == "none":
+            return
+        if not self.rope_factor > 0:
+            raise ConfigError(f"rope_factor must be positive, got {self.rope_factor}")
+        if self.rope_scaling == "linear":
+            return
+        if self.rope_factor < 1:
+            raise ConfigError(f"rope_factor must be >= 1 for yarn, got {self.rope_factor}")
+        if not self.rope_theta > 1:
+            raise ConfigError(f"rope_theta must be > 1 for yarn, got {self.rope_theta}")
+        if self.rope_original_max_positions <= 0:
+            raise ConfigError("rope_original_max_positions must be positive for yarn")
+        if not 0 < self.rope_beta_slow <= self.rope_beta_fast:
+            raise ConfigError(
+                f"yarn needs 0 < rope_beta_slow ({self.rope_beta_slow}) <= rope_beta_fast "
+                f"({self.rope_beta_fast})"
+            )
+        for field in ("rope_mscale", "rope_mscale_all_dim", "rope_attention_factor"):
+            value = getattr(self, field)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{field} must be >= 0, got {value}")
 
     @property
     def num_moe_layers(self) -> int:
@@ -128,7 +195,7 @@ class ModelConfig:
 
     @property
     def key_head_dim(self) -> int:
-        """Per-head width of a cached key."""
+        """Per-head width of a key (what a per-head cache holds; see kv_cache.cache_layout)."""
         if self.attention == "mla":
             return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim
@@ -139,7 +206,10 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        """Rotated dims per head; int() truncates as transformers does."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

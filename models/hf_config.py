@@ -1,9 +1,11 @@
-"""Hugging Face `config.json` -> ModelConfig, for the six MoE architectures we implement.
+"""Hugging Face `config.json` -> ModelConfig, for the seven MoE architectures we implement.
 
 Accepts both hub-style configs (top-level `rope_theta` / `rope_scaling`, `num_experts`) and
-transformers-5 configs (`rope_parameters`, `num_local_experts`, `head_dim: null`). Anything that
-would change the math and that we do not implement (yarn rope, sliding windows in effect, dense
-layers interleaved with MoE layers, FP8 weights, ...) is refused with an error naming the field;
+transformers-5 configs (`rope_parameters`, `num_local_experts`, `head_dim: null`); yarn and linear
+rope scaling and DeepSeek's FP8 128 x 128 block quantization are implemented. Anything that
+would change the math and that we do not implement (dynamic / llama3 rope, sliding windows in
+effect, dense layers interleaved with MoE layers, other quantizations, ...) is refused with an
+error naming the field;
 see tools/hf_fixtures/ARCHITECTURES.md for what each architecture computes.
 """
 
@@ -14,7 +16,9 @@ from typing import Any
 
 from models.config import ConfigError, ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"
+)  # fmt: skip
 # Cache sizing: max_position_embeddings is often 32k-160k; a KV cache that long is rarely wanted.
 DEFAULT_MAX_SEQ_LEN_CAP = 4096
 # The default rope theta of each transformers config class, for configs that omit it.
@@ -71,20 +75,107 @@ def _object(hf: dict, key: str) -> dict:
 
 
 def _rope_theta(hf: dict, model_type: str) -> float:
-    """rope theta from `rope_parameters` (transformers 5) or `rope_theta` (hub); refuses scaling."""
+    """rope theta from `rope_parameters` (transformers 5) or `rope_theta` (hub); the scaling is
+    read by `_rope_scaling`."""
     params = _object(hf, "rope_parameters")
-    scaling = _object(hf, "rope_scaling")
-    for field, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind not in ("default", None):
-            raise _refuse(
-                model_type,
-                f"{field}.rope_type",
-                kind,
-                "only plain RoPE is implemented (no yarn / linear / dynamic / llama3 scaling)",
-            )
     default = _float(hf, "rope_theta", _DEFAULT_ROPE_THETA.get(model_type, 10000.0))
     return _float(params, "rope_theta", default)
+
+
+def _rope_number(spec: dict, field: str, key: str, default: float | None) -> float | None:
+    """A number >= 0 from a rope dict (null or absent: default); errors name `field.key`."""
+    value = spec.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{field}.{key} must be a finite number, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{field}.{key} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def _rope_scaling(hf: dict, model_type: str) -> dict:
+    """ModelConfig's rope_* scaling fields from `rope_scaling` (hub) or `rope_parameters`
+    (transformers 5; a non-empty `rope_scaling` wins, as in transformers). Linear and yarn are
+    implemented (models/rope.py); any other rope_type is refused naming the field."""
+    field = "rope_scaling" if _object(hf, "rope_scaling") else "rope_parameters"
+    spec = _object(hf, field)
+    kind = spec.get("rope_type", spec.get("type")) or "default"
+    if kind == "default":
+        return {}
+    if kind not in ("linear", "yarn"):
+        raise _refuse(
+            model_type,
+            f"{field}.rope_type",
+            kind,
+            "only plain, linear and yarn RoPE are implemented (no dynamic / llama3 / longrope)",
+        )
+    partial = spec.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise _refuse(model_type, "partial_rotary_factor", partial, "partial rotary dims")
+    factor = _rope_number(spec, field, "factor", None)
+    if not factor:
+        raise _refuse(model_type, f"{field}.factor", spec.get("factor"), f"{kind} needs a factor")
+    out = dict(
+        rope_scaling=kind,
+        rope_factor=factor,
+        rope_mscale_all_dim=_rope_number(spec, field, "mscale_all_dim", None),
+    )
+    if kind == "linear":
+        return out
+    # transformers prefers a top-level original_max_position_embeddings (Phi-3 style).
+    original = hf.get("original_max_position_embeddings") or spec.get(
+        "original_max_position_embeddings"
+    )
+    original = original or hf.get("max_position_embeddings")
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise _refuse(
+            model_type, f"{field}.original_max_position_embeddings", original, "must be > 0"
+        )
+    truncate = spec.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"{field}.truncate must be true or false, got {truncate!r}")
+    return dict(
+        out,
+        rope_original_max_positions=original,
+        # transformers: `beta_fast or 32`, `beta_slow or 1`: a 0 means the default too.
+        rope_beta_fast=_rope_number(spec, field, "beta_fast", None) or 32.0,
+        rope_beta_slow=_rope_number(spec, field, "beta_slow", None) or 1.0,
+        rope_mscale=_rope_number(spec, field, "mscale", None),
+        rope_attention_factor=_rope_number(spec, field, "attention_factor", None),
+        rope_truncate=truncate,
+    )
+
+
+# The one quantization implemented: DeepSeek-V3's FP8 weights, dequantized at load
+# (models/fp8_blocks.py); published V3 / R1 / Kimi K2 checkpoints all use 128 x 128 blocks.
+FP8_BLOCK_SIZE = (128, 128)
+
+
+def fp8_block_size(hf: dict) -> tuple[int, int] | None:
+    """(rows, cols) of the weight blocks of an FP8 block-quantized checkpoint, None when the
+    config has no quantization_config. Anything else is refused naming the field: another
+    quant_method, fmt, activation_scheme or weight_block_size."""
+    if not hf.get("quantization_config"):
+        return None
+    model_type = hf.get("model_type", "?")
+    quant = _object(hf, "quantization_config")
+    field = "quantization_config"
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise _refuse(model_type, f"{field}.quant_method", method, "only fp8 is implemented")
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise _refuse(model_type, f"{field}.fmt", quant["fmt"], "only e4m3 is implemented")
+    # Activations are never quantized here (weights are dequantized at load), so only the
+    # scheme that stores no activation scales is accepted.
+    if quant.get("activation_scheme", "dynamic") != "dynamic":
+        why = "only dynamic is implemented (static needs activation scales)"
+        raise _refuse(model_type, f"{field}.activation_scheme", quant["activation_scheme"], why)
+    block = quant.get("weight_block_size", list(FP8_BLOCK_SIZE))  # transformers' default
+    if not isinstance(block, (list, tuple)) or tuple(block) != FP8_BLOCK_SIZE:
+        why = f"only {list(FP8_BLOCK_SIZE)} blocks are implemented (per-tensor scales are not)"
+        raise _refuse(model_type, f"{field}.weight_block_size", block, why)
+    return FP8_BLOCK_SIZE
 
 
 def _sliding_window_in_effect(hf: dict, max_seq_len: int) -> int | None:
@@ -146,9 +237,7 @@ def config_from_hf(
         raise UnsupportedConfigError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if hf.get("quantization_config"):
-        method = _object(hf, "quantization_config").get("quant_method", "?")
-        raise _refuse(model_type, "quantization_config.quant_method", method, "quantized weights")
+    fp8_block_size(hf)  # refuses any quantization but DeepSeek's FP8 blocks
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(model_type, "hidden_act", hf["hidden_act"], "only silu is implemented")
     positions = _int(hf, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN_CAP)
@@ -173,12 +262,15 @@ def config_from_hf(
         experts_per_token=_int(hf, "num_experts_per_tok"),
         max_seq_len=seq_len,
         rope_theta=_rope_theta(hf, model_type),
+        **_rope_scaling(hf, model_type),
         rms_norm_eps=_float(hf, "rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=_dtype(hf, dtype),
     )
     if model_type.startswith("deepseek"):
         return _deepseek(hf, model_type, common)
+    if model_type == "glm4_moe":
+        return _glm4_moe(hf, common)
 
     nkv = _int(hf, "num_key_value_heads", nh)
     gqa = dict(common, num_kv_heads=nkv, head_dim=_int(hf, "head_dim", d // nh))
@@ -266,7 +358,7 @@ def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
     first_dense = _int(hf, "first_k_dense_replace", 0, minimum=0)
     return ModelConfig(
         **common,
-        num_kv_heads=common["num_heads"],  # MLA expands K/V per head; HF needs nkv == nh
+        num_kv_heads=common["num_heads"],  # HF expands MLA's K/V per head: needs nkv == nh
         head_dim=0,
         attention="mla",
         q_lora_rank=_int(hf, "q_lora_rank", 0, minimum=0),
@@ -285,4 +377,51 @@ def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
         first_dense_layers=first_dense,
         dense_d_ff=_int(hf, "intermediate_size") if first_dense else 0,
         **router,
+    )
+
+
+def _partial_rotary_factor(hf: dict, default: float) -> float:
+    """transformers 5 keeps it in rope_parameters; hub configs have it at the top level."""
+    top_level = _float(hf, "partial_rotary_factor", default)
+    return _float(_object(hf, "rope_parameters"), "partial_rotary_factor", top_level)
+
+
+def _glm4_moe(hf: dict, common: dict) -> ModelConfig:
+    """GLM-4.5 / 4.5-Air / 4.6: GQA with q/k/v biases, optional per-head q/k norm and partial
+    rope (rotate_half on the first half of each head by default); the DeepSeek-V3 router
+    (sigmoid, correction bias, groups by top-2 sum); one ungated shared expert; dense first
+    layers. Defaults are Glm4MoeConfig's, for keys a config omits. Like transformers, every
+    layer from first_k_dense_replace on is MoE whatever DeepSeek-style keys (moe_layer_freq,
+    scoring_func, topk_method) a config carries; the MTP layers after the last one are skipped
+    by the loader (num_nextn_predict_layers)."""
+    if common.get("rope_scaling", "none") != "none":
+        # GLM's published configs have no scaling; yarn over a partial rotary dim is untested.
+        field = "rope_scaling" if _object(hf, "rope_scaling") else "rope_parameters"
+        raise _refuse(
+            "glm4_moe", f"{field}.rope_type", common["rope_scaling"], "rope scaling with GLM"
+        )
+    d, nh = common["d_model"], common["num_heads"]
+    moe_d_ff = _int(hf, "moe_intermediate_size")
+    n_shared = _int(hf, "n_shared_experts", 1, minimum=0)
+    first_dense = _int(hf, "first_k_dense_replace", 1, minimum=0)
+    experts_key = "n_routed_experts" if hf.get("n_routed_experts") is not None else None
+    return ModelConfig(
+        **common,
+        num_kv_heads=_int(hf, "num_key_value_heads", nh),
+        head_dim=_int(hf, "head_dim", d // nh),
+        partial_rotary_factor=_partial_rotary_factor(hf, 0.5),  # Glm4MoeConfig's default
+        attention_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="per_head" if hf.get("use_qk_norm", False) else "none",
+        moe_d_ff=moe_d_ff,
+        num_experts=_int(hf, experts_key or "num_local_experts"),
+        router="sigmoid",
+        router_bias=True,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        routed_scaling_factor=_float(hf, "routed_scaling_factor", 1.0),
+        num_expert_groups=_int(hf, "n_group", 1, minimum=0) or 1,
+        topk_groups=_int(hf, "topk_group", 1, minimum=0) or 1,
+        num_shared_experts=n_shared,
+        shared_d_ff=moe_d_ff * n_shared,
+        first_dense_layers=first_dense,
+        dense_d_ff=_int(hf, "intermediate_size") if first_dense else 0,
     )

@@ -7,6 +7,9 @@ Both expert layouts are accepted: one tensor per expert (hub checkpoints, and wh
 `save_pretrained` writes: `experts.M.gate_proj` / Mixtral's `block_sparse_moe.experts.M.w1`) and
 the fused transformers-5 layout (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
 
+DeepSeek's FP8 block-quantized checkpoints (`<name>.weight` F8_E4M3 + `<name>.weight_scale_inv`)
+are dequantized to the model dtype while loading, 128 rows at a time (models/fp8_blocks.py).
+
 Anything surprising is an error (`CheckpointError`) naming the file and the tensor: a tensor we
 need that is missing, a shape that disagrees with config.json, a tensor we would silently drop,
 a truncated or corrupt file, a NaN or infinite weight, an index that names a shard outside the
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import re
 import struct
@@ -34,7 +38,8 @@ import numpy as np
 from safetensors import safe_open
 
 from models.config import ConfigError, ModelConfig
-from models.hf_config import config_from_hf
+from models.fp8_blocks import dequantize_fp8_blocks_into, scale_grid_shape
+from models.hf_config import config_from_hf, fp8_block_size
 from models.params import Params, abstract_params
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -51,6 +56,9 @@ SAFETENSORS_DTYPES = {
 # Tensors a checkpoint may carry that the math does not use (rotary caches are recomputed).
 _HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek's FP8 scales: <name>.weight_scale_inv
+log = logging.getLogger("models.hf_loader")
 
 
 class CheckpointError(ValueError):
@@ -232,7 +240,7 @@ def expected_tensors(cfg: ModelConfig) -> tuple[dict[str, Source], dict[str, Sou
             alternatives[prefix + "experts.down_proj"] = Source("fused_down", ex, (e_count, d, f))
             alternatives.setdefault(prefix + "gate.weight", names[moe + "gate.weight"])
         if cfg.num_shared_experts:
-            shared = "shared_experts." if cfg.attention == "mla" else "shared_expert."
+            shared = "shared_expert." if cfg.architecture == "qwen2_moe" else "shared_experts."
             for name, source in _swiglu_tensors(mlp + ("shared",), d, cfg.shared_d_ff).items():
                 names[hf + "mlp." + shared + name] = source
         if cfg.shared_expert_gate:
@@ -488,6 +496,85 @@ def plan_load(
     return plan
 
 
+# ---- FP8 block-quantized checkpoints (models/fp8_blocks.py) ----------------------------------
+Scales = dict[str, tuple[Path, TensorInfo]]  # FP8 weight name -> its weight_scale_inv
+
+
+def split_fp8_scales(catalog: Catalog, block: tuple[int, int] | None) -> Scales:
+    """Takes every `<weight>_scale_inv` out of `catalog` and pairs it with its FP8 weight.
+
+    CheckpointError, naming file and tensor, for: a scale without an FP8 weight, an FP8 weight
+    without a scale (or any FP8 tensor when config.json has no quantization_config), a scale
+    whose shape is not the weight's block grid, or an FP8 weight that is not 2-D."""
+    scales: Scales = {}
+    for name in [n for n in catalog if n.endswith(SCALE_SUFFIX)]:
+        path, info = catalog[name]
+        weight = name[: -len(SCALE_SUFFIX)]
+        if block is None:
+            raise CheckpointError(
+                f"{path}: tensor {name}: an FP8 scale, but config.json has no quantization_config"
+            )
+        if weight not in catalog or catalog[weight][1].dtype != "F8_E4M3":
+            found = "missing" if weight not in catalog else f"{catalog[weight][1].dtype}"
+            raise CheckpointError(
+                f"{path}: tensor {name} scales {weight}, which is not an F8_E4M3 tensor ({found})"
+            )
+        w_path, w_info = catalog[weight]
+        if len(w_info.shape) != 2:
+            raise CheckpointError(
+                f"{w_path}: tensor {weight}: FP8 weights must be 2-D [out, in] (one tensor per "
+                f"expert), got shape {list(w_info.shape)}"
+            )
+        grid = scale_grid_shape(w_info.shape, block)
+        if info.shape != grid:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {list(info.shape)}, but {weight} "
+                f"{list(w_info.shape)} in {list(block)} blocks needs {list(grid)}"
+            )
+        if info.dtype not in ("F32", "BF16", "F16"):
+            raise CheckpointError(f"{path}: tensor {name}: dtype {info.dtype}, expected F32")
+        scales[weight] = catalog.pop(name)
+    for name, (path, info) in catalog.items():
+        if info.dtype in _FP8_DTYPES and name not in scales:
+            if block is None:
+                raise CheckpointError(
+                    f"{path}: tensor {name} is {info.dtype}, but config.json has no "
+                    "quantization_config (refusing to read FP8 values without their scales)"
+                )
+            raise CheckpointError(
+                f"{path}: tensor {name} is {info.dtype} but {name}{SCALE_SUFFIX} is missing"
+            )
+    return scales
+
+
+def _fill_fp8(
+    params: Params,
+    file: SafetensorsFile,
+    name: str,
+    source: Source,
+    scale: tuple[SafetensorsFile, str],
+    block: tuple[int, int],
+) -> None:
+    """Dequantizes one FP8 weight into its place, 128 rows at a time (models/fp8_blocks.py)."""
+    scale_file, scale_name = scale
+    scale_inv = scale_file.read(scale_name)
+    if not np.isfinite(scale_inv).all():
+        raise CheckpointError(
+            f"{scale_file.path}: tensor {scale_name} holds NaN or infinite values"
+        )
+    if source.kind == "whole":
+        kernel = _leaf(params, source.leaf)
+        dest = kernel.T if source.transpose else kernel
+    elif source.kind == "expert":
+        dest = _leaf(params, source.leaf)[source.expert].T
+    else:
+        raise CheckpointError(f"{file.path}: tensor {name}: FP8 in a fused expert tensor")
+    try:
+        dequantize_fp8_blocks_into(dest, file.read_raw(name), scale_inv, block)
+    except FloatingPointError as e:
+        raise CheckpointError(f"{file.path}: tensor {name}: {e}") from None
+
+
 # ---- reading the tensors into place -----------------------------------------------------------
 def _finite(file: SafetensorsFile, name: str, array: np.ndarray) -> np.ndarray:
     """A NaN or Inf weight would make every output NaN, silently: refused by name."""
@@ -545,6 +632,8 @@ def load_hf(
         raise CheckpointError(f"{config_path}: {detail}") from None
     files, shards = checkpoint_files(directory)
     catalog = read_catalog(files, shards)
+    block = fp8_block_size(hf_config)  # config_from_hf refused any other quantization
+    scales = split_fp8_scales(catalog, block)
     check_sizes(cfg, catalog, config_path)
     if shards is not None:
         missing_where = directory / INDEX_FILE
@@ -554,14 +643,37 @@ def load_hf(
 
     params: Params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract_params(cfg))
     total = sum(p.stat().st_size for p in files)
-    with _bytes_progress(progress, total, directory.name) as advance:
+    label = directory.name
+    if scales:
+        label += f" (FP8 {list(block)} blocks -> {cfg.dtype})"
+        log.info(
+            "%s: %d FP8 block-quantized weights are dequantized to %s while loading",
+            directory,
+            len(scales),
+            cfg.dtype,
+        )
+    opened: dict[Path, SafetensorsFile] = {}
+    with _bytes_progress(progress, total, label) as advance:
         for path, tensors in itertools.groupby(plan, key=lambda item: item[0]):
             file = SafetensorsFile(path)
             for _, name, source in tensors:
-                _fill(params, file, name, source)
                 info = file.tensors[name]
+                if name in scales:
+                    scale_path, scale_info = scales[name]
+                    if scale_path == path:
+                        scale_file = file
+                    else:  # published shards keep a weight and its scale together; not required
+                        scale_file = opened.get(scale_path) or SafetensorsFile(scale_path)
+                        opened[scale_path] = scale_file
+                    scale = (scale_file, name + SCALE_SUFFIX)
+                    _fill_fp8(params, file, name, source, scale, block)
+                    advance(scale_info.end - scale_info.start)
+                else:
+                    _fill(params, file, name, source)
                 advance(info.end - info.start)
             file.close()
+    for scale_file in opened.values():
+        scale_file.close()
     return cfg, params
 
 

@@ -2,6 +2,18 @@
 
 Request slots are the leading axis, so the cache shards over the same mesh axis as the batch
 (data-parallel attention): a device holds the cache of its own requests only.
+
+Multi-head latent attention (DeepSeek) with `mla_cache="latent"` caches, per token and layer,
+the normalised compressed KV c (kv_lora_rank) and the rotated rope key shared by all heads
+(qk_rope_head_dim): 576 values for DeepSeek-V3 against 128 heads x (192 + 128) per head. The
+absorbed attention is multi-query attention whose value is c and whose key is [c | k_rope], so
+`v` holds c ([slots, seq, 1, kv_lora_rank]) and `k` only what the key adds to it, k_rope
+([slots, seq, 1, qk_rope_head_dim]). Why this layout: storing the key whole would duplicate c
+(512 of its 576 columns); a zero-width `v` leaf next to a whole key was tried, and jit gives a
+zero-size output a replicated sharding, not the request-slot one. Two non-empty leaves with
+request slots leading keep the same pytree, so every user that only walks the tree (sharding
+over slots, the empty cache, moving shards to a new mesh, poisoning a lost device, donation,
+the AOT arguments, the workers) works for both forms unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +31,26 @@ class LayerCache(NamedTuple):
     v: Float[Array, "slots seq kv_heads value_dim"]
 
 
+class CacheLayout(NamedTuple):
+    """Per token and layer: `heads` cached heads of keys `key_dim` wide and values `value_dim`."""
+
+    heads: int
+    key_dim: int
+    value_dim: int
+
+
+def cache_layout(cfg: ModelConfig) -> CacheLayout:
+    if cfg.attention == "mla" and cfg.mla_cache == "latent":
+        return CacheLayout(1, cfg.qk_rope_head_dim, cfg.kv_lora_rank)
+    return CacheLayout(cfg.num_kv_heads, cfg.key_head_dim, cfg.value_head_dim)
+
+
+def kv_bytes_per_token(cfg: ModelConfig) -> int:
+    """Bytes one token's keys and values take in the cache of one layer."""
+    heads, key_dim, value_dim = cache_layout(cfg)
+    return heads * (key_dim + value_dim) * jnp.dtype(cfg.dtype).itemsize
+
+
 def empty_cache(cfg: ModelConfig, num_slots: int, max_len: int | None = None) -> list[LayerCache]:
     """Zeroed cache for `num_slots` request slots (a host-side or abstract template)."""
     return [
@@ -30,8 +62,9 @@ def empty_cache(cfg: ModelConfig, num_slots: int, max_len: int | None = None) ->
 def cache_shapes(cfg: ModelConfig, num_slots: int, max_len: int | None = None) -> list[LayerCache]:
     """Shapes of the cache, as (shape, dtype) pairs, without allocating."""
     t = max_len or cfg.max_seq_len
-    k = ((num_slots, t, cfg.num_kv_heads, cfg.key_head_dim), jnp.dtype(cfg.dtype))
-    v = ((num_slots, t, cfg.num_kv_heads, cfg.value_head_dim), jnp.dtype(cfg.dtype))
+    heads, key_dim, value_dim = cache_layout(cfg)
+    k = ((num_slots, t, heads, key_dim), jnp.dtype(cfg.dtype))
+    v = ((num_slots, t, heads, value_dim), jnp.dtype(cfg.dtype))
     return [LayerCache(k, v) for _ in range(cfg.num_layers)]
 
 

@@ -1,4 +1,5 @@
-"""Small building blocks: a dense projection, RMSNorm, rotary embeddings and the SwiGLU MLP.
+"""Small building blocks: a dense projection, RMSNorm and the SwiGLU MLP (rotary embeddings:
+models.rope, re-exported here).
 
 Every parameter carries `logical_axes` metadata; `mesh.sharding` maps logical axes to mesh axes.
 Weights are stored as [in, out] so that a projection is `x @ kernel`.
@@ -9,9 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from models.fixed_order import fixed_order_sum
+from models.rope import apply_rope, rope_tables  # noqa: F401  (moved there; kept importable)
 from models.row_invariant import matmul
 
 
@@ -68,37 +70,6 @@ class RMSNorm(nnx.Module):
             mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
         normed = x32 * jax.lax.rsqrt(mean_square + self.eps)
         return self.scale[...] * normed.astype(x.dtype)
-
-
-def rope_tables(
-    positions: Int[Array, "batch seq"], rope_dim: int, theta: float
-) -> tuple[Float[Array, "batch seq half"], Float[Array, "batch seq half"]]:
-    """cos and sin of each position times each inverse frequency."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(
-    x: Float[Array, "batch seq heads dim"],
-    cos: Float[Array, "batch seq half"],
-    sin: Float[Array, "batch seq half"],
-    *,
-    interleave: bool = False,
-) -> Float[Array, "batch seq heads dim"]:
-    """Rotary embedding in the rotate-half layout.
-
-    With `interleave` the pairs are (0, 1), (2, 3), ... as in DeepSeek's checkpoints; they are
-    first gathered into halves, which is what Hugging Face does too (queries and keys alike, so
-    their dot products are unchanged).
-    """
-    if interleave:
-        x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class SwiGLU(nnx.Module):

@@ -68,12 +68,19 @@ def run(cfg, params, devices, numerics="invariant", script=None):
 
 
 # tiny-mixtral cannot fail on the combine (see above) and costs minutes more: marked slow.
+# tiny-deepseek-v3 serves its MLA cache in the latent form (the default); the per-head form,
+# the same parameters, is checked with -m slow.
 @pytest.fixture(
     scope="module",
-    params=["tiny-deepseek-v3", pytest.param("tiny-mixtral", marks=pytest.mark.slow)],
+    params=[
+        "tiny-deepseek-v3",
+        pytest.param("tiny-mixtral", marks=pytest.mark.slow),
+        pytest.param("tiny-deepseek-v3:per_head", marks=pytest.mark.slow),
+    ],
 )
 def model(request):
-    cfg = get_preset(request.param).replace(dtype="bfloat16")
+    name, _, mla_cache = request.param.partition(":")
+    cfg = get_preset(name).replace(dtype="bfloat16", mla_cache=mla_cache or "latent")
     return cfg, init_params(cfg)
 
 

@@ -1,7 +1,8 @@
 """Generate tiny Hugging Face reference checkpoints + expected outputs.
 
 Writes ``tests/fixtures/hf/<arch>/`` for mixtral, qwen2_moe, qwen3_moe, olmoe,
-deepseek_v2, deepseek_v3 (plus ``qwen3_moe_sharded``), each containing:
+deepseek_v2, deepseek_v3, glm4_moe (plus ``qwen3_moe_sharded``, and the variants of
+``VARIANTS``: yarn rope, FP8 block-quantized weights, ``glm4_moe_air``), each containing:
 
 * ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards +
   ``model.safetensors.index.json``) written by ``save_pretrained``;
@@ -34,6 +35,7 @@ Nothing is downloaded from the hub: every model is built from a config with
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -170,14 +172,108 @@ CONFIGS: dict[str, dict] = {
         attention_bias=False,
         num_nextn_predict_layers=0,
     ),
+    "glm4_moe": dict(
+        hidden_size=40,
+        head_dim=16,  # explicit, != hidden/heads (=10), like real GLM-4.5 (128 vs 4096/96)
+        partial_rotary_factor=0.5,  # hub-style top-level key; only 8 of 16 dims rotate
+        intermediate_size=32,  # dense layer 0 (32, not 40: top-2 logit margins >= 0.04)
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,  # group score = sum of the top-2 biased scores; 1 of 2 groups kept
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        attention_bias=True,  # q/k/v biases (o_proj has none)
+        use_qk_norm=True,  # per-head q/k RMSNorm (GLM-4.5 / 4.6)
+        num_nextn_predict_layers=0,
+    ),
+}
+
+# Fixtures of an architecture above with some fields changed: name -> (model_type, changes).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    # GLM-4.5-Air's choices: no q/k norm, no expert groups, no routed scaling.
+    "glm4_moe_air": (
+        "glm4_moe",
+        dict(use_qk_norm=False, n_group=1, topk_group=1, routed_scaling_factor=1.0),
+    ),
+}
+
+
+# DeepSeek as published: yarn rope (V3: factor 40 over 4096, V2-Lite: mscale 0.707) and FP8
+# weights. The tiny variants stretch a 32-token context so that the ramp and the mscale act
+# within the 32 positions the tests run; qk_rope_head_dim 16 gives a fractional ramp value.
+FP8_BLOCK = [128, 128]
+VARIANTS |= {
+    "deepseek_v3_yarn": (
+        "deepseek_v3",
+        dict(
+            qk_rope_head_dim=16,
+            # beta 4 / 0.5: ramp 0, 1/3, 2/3, 1, ...; mscale != mscale_all_dim: cos/sin scaled
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 4,
+                "beta_slow": 0.5,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.8,
+            },
+        ),
+    ),
+    "deepseek_v2_yarn": (
+        "deepseek_v2",
+        dict(
+            qk_rope_head_dim=16,
+            # V2-Lite's mscale 0.707 / 0.707, default betas 32 / 1 (ramp 0, 0.5, 1, ...)
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+            },
+        ),
+    ),
+    # hidden 136 and dense width 200: the dense layer's weights span 2 x 2 blocks of 128 with a
+    # ragged last block both ways; published-V3-style yarn (mscale = mscale_all_dim = 1).
+    "deepseek_v3_fp8": (
+        "deepseek_v3",
+        dict(
+            hidden_size=136,
+            intermediate_size=200,
+            moe_intermediate_size=16,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        ),
+    ),
 }
 
 
 def build(arch: str):
     torch.manual_seed(SEED)
+    model_type, changes = VARIANTS.get(arch, (arch, {}))
     kwargs = dict(COMMON)
-    kwargs.update(CONFIGS[arch])
-    config = AutoConfig.for_model(arch, **kwargs)
+    kwargs.update(CONFIGS[model_type])
+    kwargs.update(changes)
+    config = AutoConfig.for_model(model_type, **kwargs)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", dtype=torch.float32
@@ -259,7 +355,7 @@ def write_fixture(model, out_dir: str, arch: str, max_shard_size=None):
     np.save(os.path.join(out_dir, "expected_logits.npy"), prompt_logits, allow_pickle=False)
     np.save(os.path.join(out_dir, "expected_greedy_logits.npy"), step_logits, allow_pickle=False)
     expected = {
-        "model_type": arch,
+        "model_type": VARIANTS.get(arch, (arch,))[0],
         "prompt": PROMPT,
         "greedy": greedy,
         "logits_file": "expected_logits.npy",
@@ -305,19 +401,203 @@ def dir_size(d):
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
 
 
+# ---- published DeepSeek: FP8 block weights, yarn checks -------------------------------------
+def fp8_quantized(name: str, shape: tuple) -> bool:
+    """Whether published DeepSeek-V3 checkpoints store tensor `name` (as saved, per-expert
+    names) in FP8: every linear weight inside the decoder layers except the router
+    (`mlp.gate.weight`); never embeddings, lm_head, norms or e_score_correction_bias."""
+    return (
+        name.startswith("model.layers.") and len(shape) == 2 and not name.endswith(".gate.weight")
+    )
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 e4m3 [out, in], weight_scale_inv f32 [ceil(out/b0), ceil(in/b1)]) with
+    w ~= fp8 * scale_inv per block; the last blocks are ragged (DeepSeek's layout)."""
+    out_dim, in_dim = w.shape
+    rows, cols = -(-out_dim // block[0]), -(-in_dim // block[1])
+    scale_inv = torch.empty(rows, cols, dtype=torch.float32)
+    q = torch.empty(out_dim, in_dim, dtype=torch.float8_e4m3fn)
+    for i in range(rows):
+        for j in range(cols):
+            r, c = slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1])
+            amax = w[r, c].abs().max().clamp(min=1e-12)
+            scale_inv[i, j] = amax / 448.0  # e4m3's largest finite value
+            q[r, c] = (w[r, c] / scale_inv[i, j]).to(torch.float8_e4m3fn)
+    return q, scale_inv
+
+
+def dequantize_fp8_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: list[int]):
+    full = scale_inv.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return q.to(torch.float32) * full[: q.shape[0], : q.shape[1]]
+
+
+@torch.no_grad()
+def write_fp8_fixture(model, out_dir: str, arch: str):
+    """The model's layer linears quantized to FP8 blocks; the reference logits are those of the
+    dequantized float32 model (transformers cannot dequantize ragged blocks on CPU: it derives
+    the block size as rows // scale_rows)."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tensors = load_file(os.path.join(tmp, "model.safetensors"))
+        quantized = {}
+        for name, w in tensors.items():
+            if fp8_quantized(name, tuple(w.shape)):
+                q, scale_inv = quantize_fp8_blocks(w, FP8_BLOCK)
+                tensors[name] = dequantize_fp8_blocks(q, scale_inv, FP8_BLOCK)
+                quantized[name] = (q, scale_inv)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        dequantized = AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+    dequantized.generation_config = model.generation_config
+    logits, greedy, margin = write_fixture(dequantized, out_dir, arch)
+    verify(out_dir, logits, greedy)  # the float32 dequantized weights, before they become FP8
+    path = os.path.join(out_dir, "model.safetensors")
+    tensors = load_file(path)
+    for name, (q, scale_inv) in quantized.items():
+        assert torch.equal(tensors[name], dequantize_fp8_blocks(q, scale_inv, FP8_BLOCK)), name
+        tensors[name] = q
+        tensors[name + "_scale_inv"] = scale_inv
+    save_file(tensors, path, metadata={"format": "pt"})
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": FP8_BLOCK,
+    }
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    ragged = [
+        n
+        for n, (q, _) in quantized.items()
+        if all(d > b and d % b for d, b in zip(q.shape, FP8_BLOCK))
+    ]
+    if not ragged:
+        raise RuntimeError(f"{arch}: no weight has ragged blocks in both directions")
+    print(f"{arch}: {len(quantized)} FP8 weights; ragged 2 x 2 block grids: {ragged}")
+    return logits, greedy, margin
+
+
+@torch.no_grad()
+def check_scaling_matters(model, logits: np.ndarray, out_dir: str) -> None:
+    """The yarn fixtures must test the scaling: plain rope on the same weights must give other
+    logits (recorded in expected.json as unscaled_logits_max_diff)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = model.config
+    rotary = model.model.rotary_emb
+    saved = (rotary.inv_freq.clone(), rotary.attention_scaling)
+    scalings = [m.self_attn.scaling for m in model.model.layers]
+    plain = dict(config.rope_parameters, rope_type="default")
+    inv_freq, _ = rotary.compute_default_rope_parameters(config)
+    rotary.inv_freq.copy_(inv_freq)
+    rotary.attention_scaling = 1.0
+    for m in model.model.layers:
+        m.self_attn.scaling = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    ids = torch.tensor([PROMPT], dtype=torch.long)
+    unscaled = model(ids, use_cache=False).logits[0].float().numpy()
+    rotary.inv_freq.copy_(saved[0])
+    rotary.attention_scaling = saved[1]
+    for m, scaling in zip(model.model.layers, scalings):
+        m.self_attn.scaling = scaling
+    diff = float(np.max(np.abs(unscaled - logits)))
+    assert "yarn" in ROPE_INIT_FUNCTIONS and plain["rope_type"] == "default"
+    if diff < 1e-2:
+        raise RuntimeError(f"{out_dir}: yarn changes the logits by only {diff}")
+    path = os.path.join(out_dir, "expected.json")
+    with open(path) as f:
+        expected = json.load(f)
+    expected["unscaled_logits_max_diff"] = diff
+    expected["rope_attention_scaling"] = float(saved[1])
+    expected["rope_inv_freq"] = saved[0].tolist()
+    expected["softmax_scale"] = float(scalings[0])
+    with open(path, "w") as f:
+        f.write(
+            "{\n"
+            + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in expected.items())
+            + "\n}\n"
+        )
+    print(f"{out_dir}: plain rope would move the logits by up to {diff:.3f}")
+
+
+# Published configs: transformers' yarn tables for them, for tests/test_rope.py.
+PUBLISHED_ROPE = {
+    "deepseek-v3": ("deepseek_v3", dict(
+        qk_nope_head_dim=128, qk_rope_head_dim=64, max_position_embeddings=163840, rope_scaling={
+            "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096, "type": "yarn"}, rope_theta=10000)),
+    "deepseek-v2-lite": ("deepseek_v2", dict(
+        qk_nope_head_dim=128, qk_rope_head_dim=64, max_position_embeddings=163840, rope_scaling={
+            "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
+        rope_theta=10000)),
+    "kimi-k2": ("deepseek_v3", dict(
+        qk_nope_head_dim=128, qk_rope_head_dim=64, max_position_embeddings=131072, rope_scaling={
+            "beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+        rope_theta=50000.0)),
+    "mixtral-linear": ("mixtral", dict(
+        head_dim=128, rope_scaling={"type": "linear", "factor": 4.0}, rope_theta=1e6)),
+}  # fmt: skip
+
+
+def write_rope_reference(path: str) -> None:
+    """inv_freq, the cos/sin attention factor and DeepSeek's softmax scale of each published
+    rope config, as transformers computes them."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    out = {}
+    for name, (model_type, kwargs) in PUBLISHED_ROPE.items():
+        config = AutoConfig.for_model(model_type, **kwargs)
+        params = config.rope_parameters
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config)
+        entry = {
+            "config": {"model_type": model_type, **kwargs},
+            "rope_dim": int(inv_freq.shape[0] * 2),
+            "inv_freq": inv_freq.tolist(),
+            "attention_scaling": float(attention_scaling),
+        }
+        if model_type.startswith("deepseek"):
+            module = importlib.import_module(
+                f"transformers.models.{model_type}.modeling_{model_type}"
+            )
+            head = config.qk_nope_head_dim + config.qk_rope_head_dim
+            entry["softmax_scale"] = module.yarn_apply_mscale(params, head**-0.5)
+        out[name] = entry
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"{path}: {', '.join(out)}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/fixtures/hf")
     ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic reductions
-    archs = args.only or list(CONFIGS)
+    archs = args.only or [*CONFIGS, *VARIANTS, "rope_reference"]
     total = 0
     for arch in archs:
+        if arch == "rope_reference":
+            write_rope_reference(os.path.join(args.out, "rope_reference.json"))
+            continue
         model = build(arch)
         out_dir = os.path.join(args.out, arch)
-        logits, greedy, gm = write_fixture(model, out_dir, arch)
-        verify(out_dir, logits, greedy)
+        if arch.endswith("_fp8"):
+            logits, greedy, gm = write_fp8_fixture(model, out_dir, arch)
+        else:
+            logits, greedy, gm = write_fixture(model, out_dir, arch)
+            verify(out_dir, logits, greedy)
+        if arch.endswith("_yarn") or arch.endswith("_fp8"):
+            check_scaling_matters(model, logits, out_dir)
         sz = dir_size(out_dir)
         total += sz
         nparams = sum(p.numel() for p in model.parameters())

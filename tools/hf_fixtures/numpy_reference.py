@@ -1,4 +1,4 @@
-"""Independent NumPy re-implementation of the six HF MoE architectures.
+"""Independent NumPy re-implementation of the seven HF MoE architectures.
 
 Purpose: an executable version of ARCHITECTURES.md. It reads only
 ``config.json`` + ``*.safetensors`` of a fixture dir (no torch, no
@@ -198,11 +198,14 @@ def gqa_attention(cfg, w, p, x, arch):
     q = q.reshape(T, nh, hd).transpose(1, 0, 2)
     k = k.reshape(T, nkv, hd).transpose(1, 0, 2)
     v = v.reshape(T, nkv, hd).transpose(1, 0, 2)
-    if arch == "qwen3_moe":  # per-head q/k norm (weight [head_dim])
+    if arch == "qwen3_moe" or cfg.get("use_qk_norm"):  # per-head q/k norm (weight [head_dim])
         q = rmsnorm(q, w[p + "q_norm.weight"], eps)
         k = rmsnorm(k, w[p + "k_norm.weight"], eps)
-    ang = rope_angles(T, hd, cfg["rope_parameters"]["rope_theta"])
-    q, k = rope_half(q, ang), rope_half(k, ang)
+    # glm4_moe: partial rope, rotate_half on the first int(hd * factor) dims, the rest pass
+    rot = int(hd * cfg["rope_parameters"].get("partial_rotary_factor", 1.0))
+    ang = rope_angles(T, rot, cfg["rope_parameters"]["rope_theta"])
+    q = np.concatenate([rope_half(q[..., :rot], ang), q[..., rot:]], -1)
+    k = np.concatenate([rope_half(k[..., :rot], ang), k[..., rot:]], -1)
     o = attention(q, k, v, hd**-0.5).transpose(1, 0, 2).reshape(T, nh * hd)
     return linear(o, w[p + "o_proj.weight"], b("o_proj"))
 
@@ -244,7 +247,7 @@ def mla_attention(cfg, w, p, x, arch):
 
 def mlp(cfg, w, p, x, arch, layer):
     k = cfg["num_experts_per_tok"]
-    if arch in ("deepseek_v2", "deepseek_v3"):
+    if arch in ("deepseek_v2", "deepseek_v3", "glm4_moe"):  # glm4_moe routes as deepseek_v3
         if layer < cfg["first_k_dense_replace"]:
             return swiglu(
                 x, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"]
