@@ -25,6 +25,10 @@ def model_to_time(preset: str, layers: int = 0, max_seq_len: int = 0):
     changes = {}
     if layers:
         changes["num_layers"] = layers
+        # DeepSeek-V3 has 3 dense layers first: with fewer layers, keep at least one MoE layer.
+        dense = get_preset(preset).first_dense_layers
+        if dense >= layers:
+            changes["first_dense_layers"] = layers - 1
     if max_seq_len:
         changes["max_seq_len"] = max_seq_len
     cfg = get_preset(preset).replace(**changes)
