@@ -42,14 +42,14 @@ def attend_elementwise(q, keys, values, q_positions, scale, numerics="invariant"
     from models.fixed_order import fixed_order_softmax, fixed_order_sum
 
     b, c, hq, dk = q.shape
-    hkv = keys.shape[2]
+    hkv = keys.shape[1]
     q = q.reshape(b, c, hkv, hq // hkv, 1, dk).astype(jnp.float32)
-    k = keys.transpose(0, 2, 1, 3)[:, None, :, None].astype(jnp.float32)  # b 1 k 1 t d
+    k = keys[:, None, :, None].astype(jnp.float32)  # b 1 k 1 t d
     scores = fixed_order_sum(q * k)[..., 0] * scale  # b c k g t
-    visible = jnp.arange(keys.shape[1])[None, None, :] <= q_positions[:, :, None]
+    visible = jnp.arange(keys.shape[2])[None, None, :] <= q_positions[:, :, None]
     scores = jnp.where(visible[:, :, None, None, :], scores, -jnp.inf)
     probs = fixed_order_softmax(scores).astype(values.dtype).astype(jnp.float32)
-    v = values.transpose(0, 2, 3, 1)[:, None, :, None].astype(jnp.float32)  # b 1 k 1 dv t
+    v = values.transpose(0, 1, 3, 2)[:, None, :, None].astype(jnp.float32)  # b 1 k 1 dv t
     out = fixed_order_sum(probs[..., None, :] * v)[..., 0]  # b c k g dv
     return out.astype(values.dtype).reshape(b, c, hq, values.shape[-1])
 

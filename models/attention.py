@@ -25,8 +25,8 @@ MLA_LATENT_NORM_EPS = 1e-6
 
 def attend(
     q: Float[Array, "b c hq dk"],
-    keys: Float[Array, "b t hkv dk"],
-    values: Float[Array, "b t hkv dv"],
+    keys: Float[Array, "b hkv t dk"],
+    values: Float[Array, "b hkv t dv"],
     q_positions: Int[Array, "b c"],
     scale: float,
     numerics: str = "invariant",
@@ -36,11 +36,11 @@ def attend(
     The context is always the whole cache (t = max_seq_len), so its split never depends on the
     batch; with "invariant" numerics the softmax's sum is in a fixed order as well."""
     b, c, hq, dk = q.shape
-    hkv = keys.shape[2]
+    hkv = keys.shape[1]
     q = q.reshape(b, c, hkv, hq // hkv, dk)
-    scores = jnp.einsum("bckgd,btkd->bkgct", q, keys, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bckgd,bktd->bkgct", q, keys, preferred_element_type=jnp.float32) * scale
     probs = causal_softmax(scores, q_positions, numerics).astype(values.dtype)
-    out = jnp.einsum("bkgct,btkd->bckgd", probs, values)
+    out = jnp.einsum("bkgct,bktd->bckgd", probs, values)
     return out.reshape(b, c, hq, values.shape[-1])
 
 
@@ -210,10 +210,10 @@ class MultiHeadLatentAttention(nnx.Module):
         # Contractions over one token's own vectors only: no sum spans rows of the batch.
         q_latent = jnp.einsum("bchn,lhn->bchl", q_nope, w_uk)
         cache = write_layer_cache(cache, k_rope, c_kv[:, :, None, :], rows, positions)
-        seen = _read(cache, rows)  # k: [b, t, 1, rope] rope keys; v: [b, t, 1, lora] latents
+        seen = _read(cache, rows)  # k: [b, 1, t, rope] rope keys; v: [b, 1, t, lora] latents
         f32 = jnp.float32
-        scores = jnp.einsum("bchl,btl->bhct", q_latent, seen.v[:, :, 0], preferred_element_type=f32)
-        scores += jnp.einsum("bchr,btr->bhct", q_rope, seen.k[:, :, 0], preferred_element_type=f32)
+        scores = jnp.einsum("bchl,btl->bhct", q_latent, seen.v[:, 0], preferred_element_type=f32)
+        scores += jnp.einsum("bchr,btr->bhct", q_rope, seen.k[:, 0], preferred_element_type=f32)
         probs = causal_softmax(scores * scale, positions, numerics).astype(seen.v.dtype)
-        out_latent = jnp.einsum("bhct,btl->bchl", probs, seen.v[:, :, 0])
+        out_latent = jnp.einsum("bhct,btl->bchl", probs, seen.v[:, 0])
         return jnp.einsum("bchl,lhv->bchv", out_latent, w_uv), cache

@@ -1,14 +1,17 @@
-"""The KV cache: per layer, keys and values for every request slot and position.
+"""The KV cache: per layer, keys and values for every request slot, head and position.
 
 Request slots are the leading axis, so the cache shards over the same mesh axis as the batch
-(data-parallel attention): a device holds the cache of its own requests only.
+(data-parallel attention): a device holds the cache of its own requests only. Heads come
+before positions ([slots, heads, seq, dim]) so that attention's batched products (batch dims
+slot and head) read the cache in place: stored [slots, seq, heads, dim], XLA copied the whole
+cache into that order in every layer of every decode step (measured on an H200, RESULTS.md).
 
 Multi-head latent attention (DeepSeek) with `mla_cache="latent"` caches, per token and layer,
 the normalised compressed KV c (kv_lora_rank) and the rotated rope key shared by all heads
 (qk_rope_head_dim): 576 values for DeepSeek-V3 against 128 heads x (192 + 128) per head. The
 absorbed attention is multi-query attention whose value is c and whose key is [c | k_rope], so
-`v` holds c ([slots, seq, 1, kv_lora_rank]) and `k` only what the key adds to it, k_rope
-([slots, seq, 1, qk_rope_head_dim]). Why this layout: storing the key whole would duplicate c
+`v` holds c ([slots, 1, seq, kv_lora_rank]) and `k` only what the key adds to it, k_rope
+([slots, 1, seq, qk_rope_head_dim]). Why this layout: storing the key whole would duplicate c
 (512 of its 576 columns); a zero-width `v` leaf next to a whole key was tried, and jit gives a
 zero-size output a replicated sharding, not the request-slot one. Two non-empty leaves with
 request slots leading keep the same pytree, so every user that only walks the tree (sharding
@@ -27,8 +30,8 @@ from models.config import ModelConfig
 
 
 class LayerCache(NamedTuple):
-    k: Float[Array, "slots seq kv_heads key_dim"]
-    v: Float[Array, "slots seq kv_heads value_dim"]
+    k: Float[Array, "slots kv_heads seq key_dim"]
+    v: Float[Array, "slots kv_heads seq value_dim"]
 
 
 class CacheLayout(NamedTuple):
@@ -63,8 +66,8 @@ def cache_shapes(cfg: ModelConfig, num_slots: int, max_len: int | None = None) -
     """Shapes of the cache, as (shape, dtype) pairs, without allocating."""
     t = max_len or cfg.max_seq_len
     heads, key_dim, value_dim = cache_layout(cfg)
-    k = ((num_slots, t, heads, key_dim), jnp.dtype(cfg.dtype))
-    v = ((num_slots, t, heads, value_dim), jnp.dtype(cfg.dtype))
+    k = ((num_slots, heads, t, key_dim), jnp.dtype(cfg.dtype))
+    v = ((num_slots, heads, t, value_dim), jnp.dtype(cfg.dtype))
     return [LayerCache(k, v) for _ in range(cfg.num_layers)]
 
 
@@ -79,8 +82,9 @@ def write_layer_cache(
     which is how padding tokens and empty prefill rows stay out of the cache."""
     if rows is None:
         rows = jnp.arange(k.shape[0])
-    idx = (rows[:, None], positions)
+    heads = jnp.arange(k.shape[2])
+    idx = (rows[:, None, None], heads[None, :, None], positions[:, None, :])  # [b, h, c]
     return LayerCache(
-        k=cache.k.at[idx].set(k.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[idx].set(v.astype(cache.v.dtype), mode="drop"),
+        k=cache.k.at[idx].set(k.transpose(0, 2, 1, 3).astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[idx].set(v.transpose(0, 2, 1, 3).astype(cache.v.dtype), mode="drop"),
     )

@@ -76,7 +76,7 @@ class MoETransformer(nnx.Module):
         """
         cfg = self.cfg
         b, c = tokens.shape
-        valid: Bool[Array, " bc"] = (positions < cache[0].k.shape[1]).reshape(-1)
+        valid: Bool[Array, " bc"] = (positions < cache[0].k.shape[2]).reshape(-1)
         x = jnp.take(self.embed[...], tokens, axis=0)
         new_cache, loads = [], []
         for i, layer in enumerate(self.layers):

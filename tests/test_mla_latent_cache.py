@@ -53,12 +53,12 @@ def test_checkpoints_serve_the_latent_cache(arch, loaded):
     cfg, _ = loaded(arch)
     assert cfg.mla_cache == "latent"
     k, v = cache_shapes(cfg, 3)[0]
-    assert k == ((3, cfg.max_seq_len, 1, cfg.qk_rope_head_dim), jnp.dtype(cfg.dtype))
-    assert v == ((3, cfg.max_seq_len, 1, cfg.kv_lora_rank), jnp.dtype(cfg.dtype))
+    assert k == ((3, 1, cfg.max_seq_len, cfg.qk_rope_head_dim), jnp.dtype(cfg.dtype))
+    assert v == ((3, 1, cfg.max_seq_len, cfg.kv_lora_rank), jnp.dtype(cfg.dtype))
     per_head = cfg.replace(mla_cache="per_head")
     k, v = cache_shapes(per_head, 3)[0]
-    assert k[0] == (3, cfg.max_seq_len, cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-    assert v[0] == (3, cfg.max_seq_len, cfg.num_heads, cfg.v_head_dim)
+    assert k[0] == (3, cfg.num_heads, cfg.max_seq_len, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    assert v[0] == (3, cfg.num_heads, cfg.max_seq_len, cfg.v_head_dim)
 
 
 def test_deepseek_v3_latent_cache_is_71_times_smaller():
