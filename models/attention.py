@@ -13,7 +13,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
-from models.fixed_order import fixed_order_softmax
+from models.fixed_order import fixed_order_softmax, fixed_order_softmax_with_sink
 from models.kv_cache import LayerCache, write_layer_cache
 from models.layers import Dense, RMSNorm, apply_rope, rope_tables
 
@@ -29,22 +29,44 @@ def attend(
     q_positions: Int[Array, "b c"],
     scale: float,
     numerics: str = "invariant",
+    *,
+    window: int | None = None,
+    sinks: Float[Array, " hq"] | None = None,
 ) -> Float[Array, "b c hq dv"]:
     """Causal attention of queries at `q_positions` over cached keys at positions 0..t-1.
 
     The context is always the whole cache (t = max_seq_len), so its split never depends on the
-    batch; with "invariant" numerics the softmax's sum is in a fixed order as well."""
+    batch; with "invariant" numerics the softmax's sum is in a fixed order as well.
+    gpt-oss: `window` keeps only the query's own key and the window - 1 before it (the cache
+    still holds every position: the window is a mask); `sinks` (one logit per query head)
+    join each softmax's denominator, in float32, and take no value."""
     b, c, hq, dk = q.shape
     hkv = keys.shape[2]
     q = q.reshape(b, c, hkv, hq // hkv, dk)
     scores = jnp.einsum("bckgd,btkd->bkgct", q, keys, preferred_element_type=jnp.float32) * scale
     key_positions = jnp.arange(keys.shape[1])
     visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [b, c, t]
+    if window is not None:
+        visible &= key_positions[None, None, :] > q_positions[:, :, None] - window
     scores = jnp.where(visible[:, None, None, :, :], scores, -jnp.inf)
-    softmax = fixed_order_softmax if numerics == "invariant" else jax.nn.softmax
-    probs = softmax(scores).astype(values.dtype)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(1, hkv, hq // hkv, 1, 1)
+        probs = _softmax_with_sink(scores, sink, numerics).astype(values.dtype)
+    else:
+        softmax = fixed_order_softmax if numerics == "invariant" else jax.nn.softmax
+        probs = softmax(scores).astype(values.dtype)
     out = jnp.einsum("bkgct,btkd->bckgd", probs, values)
     return out.reshape(b, c, hq, values.shape[-1])
+
+
+def _softmax_with_sink(
+    scores: Float[Array, "b k g c t"], sink: Float[Array, "1 k g 1 1"], numerics: str
+) -> Float[Array, "b k g c t"]:
+    if numerics == "invariant":
+        return fixed_order_softmax_with_sink(scores, sink)
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    e = jnp.exp(scores - top)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
 
 
 def _read(cache: LayerCache, rows: Int[Array, " b"] | None) -> LayerCache:

@@ -6,8 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
-RouterKind = Literal["softmax", "sigmoid"]
+Architecture = Literal[
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"
+]
+# topk_softmax (gpt-oss): top-k of the raw logits, then a softmax over those k logits only.
+RouterKind = Literal["softmax", "sigmoid", "topk_softmax"]
 AttentionKind = Literal["gqa", "mla"]
 QKNorm = Literal["none", "per_head", "full"]
 
@@ -58,6 +61,20 @@ class ModelConfig:
     rope_interleave: bool = False
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    # gpt-oss attention: a learned logit per head that joins each softmax's denominator
+    # (models.attention_sinks), a bias on o_proj too, and a sliding window of `sliding_window`
+    # keys (the query's own included) on the layers listed in `sliding_window_layers`.
+    attention_sinks: bool = False
+    o_proj_bias: bool = False
+    sliding_window: int = 0
+    sliding_window_layers: tuple[int, ...] = ()
+    # gpt-oss experts and router: per-expert biases (they live in the expert slots beside the
+    # weights), the clamped SwiGLU (swiglu_limit > 0; models.moe.clamped_swiglu) and a bias on
+    # the router's logits.
+    expert_bias: bool = False
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.702
+    router_logit_bias: bool = False
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -119,8 +136,28 @@ class ModelConfig:
                 raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
             if self.num_kv_heads != self.num_heads:
                 raise ConfigError("multi-head latent attention needs num_kv_heads == num_heads")
+        self._check_gpt_oss_fields()
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def _check_gpt_oss_fields(self) -> None:
+        # A JSON manifest gives a list; keep the config hashable and comparable.
+        object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
+        layers = self.sliding_window_layers
+        if layers and self.sliding_window <= 0:
+            raise ConfigError("sliding_window must be positive when sliding_window_layers is set")
+        if any(not 0 <= i < self.num_layers for i in layers):
+            raise ConfigError(f"sliding_window_layers {layers} must be in [0, num_layers)")
+        if self.swiglu_limit < 0:
+            raise ConfigError(f"swiglu_limit must be >= 0 (0: no clamp), got {self.swiglu_limit}")
+        if layers and not self.attention_sinks:
+            raise ConfigError("sliding_window_layers is implemented for gpt-oss attention only")
+        if self.attention_sinks and self.attention != "gqa":
+            raise ConfigError("attention_sinks is implemented for grouped-query attention only")
+
+    def window_of_layer(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer`, or None (full causal attention)."""
+        return self.sliding_window if layer in self.sliding_window_layers else None
 
     @property
     def num_moe_layers(self) -> int:
@@ -145,6 +182,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def expert_bytes(self) -> int:
-        """Bytes of one routed expert's weights (gate, up and down projections)."""
+        """Bytes of one routed expert's weights (gate, up and down projections, and their
+        biases where the experts have them)."""
         itemsize = 4 if self.dtype == "float32" else 2
-        return 3 * self.d_model * self.moe_d_ff * itemsize
+        biases = (2 * self.moe_d_ff + self.d_model) if self.expert_bias else 0
+        return (3 * self.d_model * self.moe_d_ff + biases) * itemsize
