@@ -121,7 +121,7 @@ def _read_manifest(directory: Path) -> ModelConfig:
         raise CheckpointError(
             f"{path}: unknown config fields {unknown} (written by a newer build?)"
         )
-    return ModelConfig(**manifest["config"])
+    return ModelConfig.from_json_dict(manifest["config"])
 
 
 def _numpy_restore_args(item: Any) -> Any:

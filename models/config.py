@@ -178,6 +178,12 @@ class ModelConfig:
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
+    @classmethod
+    def from_json_dict(cls, fields: dict) -> ModelConfig:
+        """The config of a manifest's `dataclasses.asdict(cfg)` read back from JSON, where a
+        tuple field (sliding_window_layers) comes back as a list."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

@@ -359,6 +359,26 @@ def write_mxfp4_fixture(model, out_dir: str):
         json.dump(config, f, indent=2)
 
 
+def write_mxfp4_dequant_reference(out_dir: str):
+    """Random MXFP4 blocks and scales, and what transformers' convert_moe_packed_tensors makes
+    of them in float32 and bfloat16 (a unit test of our dequantization, models/mxfp4.py)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    os.makedirs(out_dir, exist_ok=True)
+    g = torch.Generator().manual_seed(SEED + 3)
+    blocks = torch.randint(0, 256, (3, 5, 4, 16), generator=g, dtype=torch.uint8)  # [E, out, in/32, 16]
+    # Exponents from 2^-127 (subnormal results) to 2^+20, and the bias itself (2^0).
+    scales = torch.randint(100, 148, (3, 5, 4), generator=g, dtype=torch.uint8)
+    scales[0, 0, 0], scales[0, 0, 1], scales[1, 2, 3] = 0, 127, 1
+    arrays = {"blocks": blocks.numpy(), "scales": scales.numpy()}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        out = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, in, out]
+        arrays[f"expected_{name}"] = out.float().numpy()
+    for name, array in arrays.items():
+        np.save(os.path.join(out_dir, f"{name}.npy"), array, allow_pickle=False)
+    print(f"mxfp4 dequant reference: {', '.join(arrays)} in {out_dir}")
+
+
 def dir_size(d):
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
 
@@ -369,8 +389,11 @@ def main():
     ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic reductions
-    archs = args.only or list(CONFIGS)
+    archs = args.only or [*CONFIGS, "mxfp4_dequant"]
     total = 0
+    if "mxfp4_dequant" in archs:
+        write_mxfp4_dequant_reference(os.path.join(args.out, "mxfp4_dequant"))
+        archs = [a for a in archs if a != "mxfp4_dequant"]
     for arch in archs:
         model = build(arch)
         out_dir = os.path.join(args.out, arch)
