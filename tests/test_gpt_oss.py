@@ -108,11 +108,22 @@ def test_loaded_config():
 
 
 # ---- the engine: 4 devices, a failure and a rejoin -------------------------------------------
-@pytest.mark.slow  # the failure test below also starts and ends on these 4 devices
-def test_engine_on_four_devices_generates_transformers_tokens(gpt_oss, devices):
+@pytest.fixture(scope="module")
+def engine4(gpt_oss, devices):
+    """One engine for both tests below (its 4-device programs compile once); each test leaves
+    it serving on the same 4 devices. 8 experts + 4 replicas in 12 slots: a failure copies
+    replicas between devices and restores the rest from the host copy."""
     cfg, params = gpt_oss
+    options = EngineOptions(request_slots_per_device=1, redundant_experts=4)
+    engine = Engine(cfg, params, devices[:4], options)
+    coordinator = Coordinator(engine, standby=False)
+    yield engine, coordinator
+    coordinator.close()
+
+
+def test_engine_on_four_devices_generates_transformers_tokens(engine4):
+    engine, _ = engine4
     want = expected("gpt_oss")
-    engine = Engine(cfg, params, devices[:4], EngineOptions(request_slots_per_device=1))
     (request,) = engine.generate([want["prompt"]], len(want["greedy"]))
     assert list(request.generated) == want["greedy"]
 
@@ -123,37 +134,31 @@ def _slot_arrays(engine, name: str, layer: int) -> np.ndarray:
     )
 
 
-def test_failure_and_rejoin_move_the_biases_with_their_experts(gpt_oss, devices):
+def test_failure_and_rejoin_move_the_biases_with_their_experts(gpt_oss, engine4):
     """A device fails mid-generation (its buffers poisoned with NaN) and comes back: its
     experts, biases included, are rebuilt elsewhere and moved back, every slot is checked
     against its expert's checksums (biases included), and the tokens stay transformers'."""
     cfg, params = gpt_oss
+    engine, coordinator = engine4
     want = expected("gpt_oss")
-    options = EngineOptions(request_slots_per_device=1, redundant_experts=4)
-    engine = Engine(cfg, params, devices[:4], options)
-    coordinator = Coordinator(engine, standby=False)
     request = engine.submit(Request(want["prompt"], max_tokens=len(want["greedy"])))
     lost = engine.mesh.devices[2].id
     results, step = [], 0
     while engine.has_work():
         if step == 3:
             results.append(coordinator.fail([lost]))
-            after_fail = engine.mesh.placement.phy2log.copy()
+            placed = engine.mesh.placement.phy2log
             # Every slot's biases are its expert's, on the 3 survivors.
-            for j in range(cfg.num_moe_layers):
+            for j, i in enumerate(moe_layer_indices(cfg)):
                 for name in EXPERT_BIASES:
-                    host = expert_weights(params, moe_layer_indices(cfg)[j])[name]
-                    np.testing.assert_array_equal(
-                        _slot_arrays(engine, name, j), host[after_fail[j]]
-                    )
+                    host = expert_weights(params, i)[name]
+                    np.testing.assert_array_equal(_slot_arrays(engine, name, j), host[placed[j]])
         if step == 8:
             results.append(coordinator.rejoin([lost]))
         engine.step()
         step += 1
-    coordinator.close()
     assert list(request.generated) == want["greedy"]
-    moved = sum(r.experts_copied + r.experts_restored_from_host for r in results)
-    assert moved > 0
+    assert sum(r.experts_copied + r.experts_restored_from_host for r in results) > 0
     for r in results:  # every written slot was checked (6 checksums each); none was wrong
         assert r.slots_verified == r.experts_copied + r.experts_restored_from_host
         assert r.slots_repaired == 0
