@@ -330,7 +330,9 @@ def write_mxfp4_fixture(model, out_dir: str):
         for proj in ("gate_up_proj", "down_proj"):
             param = getattr(layer.mlp.experts, proj)  # [E, in, out]
             e, d_in, d_out = param.shape
-            blocks = torch.randint(0, 256, (e, d_out, d_in // 32, 16), generator=g, dtype=torch.uint8)
+            blocks = torch.randint(
+                0, 256, (e, d_out, d_in // 32, 16), generator=g, dtype=torch.uint8
+            )
             # Exponents 2^-5 .. 2^-2 (scale - 127): weights of the size INIT_STD gives.
             scales = torch.randint(122, 126, (e, d_out, d_in // 32), generator=g, dtype=torch.uint8)
             param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
@@ -366,7 +368,8 @@ def write_mxfp4_dequant_reference(out_dir: str):
 
     os.makedirs(out_dir, exist_ok=True)
     g = torch.Generator().manual_seed(SEED + 3)
-    blocks = torch.randint(0, 256, (3, 5, 4, 16), generator=g, dtype=torch.uint8)  # [E, out, in/32, 16]
+    # [E, out, in/32, 16]
+    blocks = torch.randint(0, 256, (3, 5, 4, 16), generator=g, dtype=torch.uint8)
     # Exponents from 2^-127 (subnormal results) to 2^+20, and the bias itself (2^0).
     scales = torch.randint(100, 148, (3, 5, 4), generator=g, dtype=torch.uint8)
     scales[0, 0, 0], scales[0, 0, 1], scales[1, 2, 3] = 0, 127, 1
