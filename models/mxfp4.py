@@ -51,4 +51,5 @@ def dequantize_mxfp4(
     codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # [..., groups, 16, 2]
     values = FP4_VALUES[codes].reshape(*scales.shape, BLOCK)
     exponents = scales.astype(np.int32)[..., None] - SCALE_BIAS
-    return np.ldexp(values, exponents).reshape(*scales.shape[:-1], -1)
+    with np.errstate(over="ignore"):  # inf, as transformers gives; the loader refuses it by name
+        return np.ldexp(values, exponents).reshape(*scales.shape[:-1], -1)
