@@ -384,6 +384,13 @@ def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
     )
 
 
+def _refuse_scaled_rope(hf: dict, common: dict, why: str) -> None:
+    """Refuses a linear / yarn rope that _rope_scaling parsed, naming the field it came from."""
+    if common.get("rope_scaling", "none") != "none":
+        field = "rope_scaling" if _object(hf, "rope_scaling") else "rope_parameters"
+        raise _refuse(common["architecture"], f"{field}.rope_type", common["rope_scaling"], why)
+
+
 def _partial_rotary_factor(hf: dict, default: float) -> float:
     """transformers 5 keeps it in rope_parameters; hub configs have it at the top level."""
     top_level = _float(hf, "partial_rotary_factor", default)
@@ -398,6 +405,12 @@ def _glm4_moe(hf: dict, common: dict) -> ModelConfig:
     layer from first_k_dense_replace on is MoE whatever DeepSeek-style keys (moe_layer_freq,
     scoring_func, topk_method) a config carries; the MTP layers after the last one are skipped
     by the loader (num_nextn_predict_layers)."""
+    # Neither is checked against transformers for GLM (no fixture; the published GLM-4.5
+    # configs have plain rope): refused rather than guessed.
+    _refuse_scaled_rope(hf, common, "linear / yarn RoPE is not checked for glm4_moe")
+    if hf.get("quantization_config"):
+        method = _object(hf, "quantization_config").get("quant_method")
+        raise _refuse("glm4_moe", "quantization_config.quant_method", method, "quantized weights")
     d, nh = common["d_model"], common["num_heads"]
     moe_d_ff = _int(hf, "moe_intermediate_size")
     n_shared = _int(hf, "n_shared_experts", 1, minimum=0)
@@ -441,14 +454,7 @@ def _gpt_oss(hf: dict, common: dict) -> ModelConfig:
             quant.get("quant_method"),
             "only mxfp4 expert weights (dequantized at load) are implemented for gpt-oss",
         )
-    if common.get("rope_scaling", "none") != "none":
-        field = "rope_scaling" if _object(hf, "rope_scaling") else "rope_parameters"
-        raise _refuse(
-            model_type,
-            f"{field}.rope_type",
-            common["rope_scaling"],
-            "yarn / linear RoPE is not wired into gpt-oss attention",
-        )
+    _refuse_scaled_rope(hf, common, "yarn / linear RoPE is not wired into gpt-oss attention")
     if not hf.get("rope_parameters") and not hf.get("rope_scaling"):
         raise _refuse(
             model_type,
