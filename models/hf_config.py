@@ -253,6 +253,9 @@ def config_from_hf(
             f"a sliding window shorter than max_seq_len ({seq_len}) is not implemented",
         )
 
+    # GptOssConfig: rope_parameters null and rope_scaling null or {} give yarn ({}: plain).
+    if model_type == "gpt_oss" and hf.get("rope_parameters") is None and not hf.get("rope_scaling"):
+        hf = {**hf, "rope_parameters": GPT_OSS_DEFAULT_ROPE}
     d, nh = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
     common = dict(
         name=name,
@@ -439,6 +442,16 @@ def _glm4_moe(hf: dict, common: dict) -> ModelConfig:
 
 
 GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+# GptOssConfig's rope when a config has neither rope_parameters nor rope_scaling; the published
+# configs say the same in rope_scaling. rope_theta: the top-level one, else 150000.
+GPT_OSS_DEFAULT_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
 
 
 def _gpt_oss(hf: dict, common: dict) -> ModelConfig:
@@ -453,14 +466,6 @@ def _gpt_oss(hf: dict, common: dict) -> ModelConfig:
             "quantization_config.quant_method",
             quant.get("quant_method"),
             "only mxfp4 expert weights (dequantized at load) are implemented for gpt-oss",
-        )
-    _refuse_scaled_rope(hf, common, "yarn / linear RoPE is not wired into gpt-oss attention")
-    if not hf.get("rope_parameters") and not hf.get("rope_scaling"):
-        raise _refuse(
-            model_type,
-            "rope_parameters",
-            None,
-            "absent, and transformers then gives gpt-oss yarn RoPE, which is not implemented",
         )
     layers = common["num_layers"]
     types = hf.get("layer_types")

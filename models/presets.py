@@ -309,9 +309,7 @@ PRESETS: dict[str, ModelConfig] = {
         dtype="bfloat16",
     ),
     # openai/gpt-oss-120b's config.json (transformers' GptOssConfig defaults are the same
-    # shapes). Its RoPE is yarn (factor 32 over 4096 positions, theta 150000); this preset
-    # uses plain RoPE at theta 150000 until yarn is implemented, so timings hold but a loaded
-    # checkpoint would refuse the yarn config rather than run with this.
+    # shapes), with its yarn: factor 32 over 4096 positions, theta 150000, truncate false.
     "gpt-oss-120b": ModelConfig(
         name="gpt-oss-120b",
         **_GPT_OSS,
@@ -327,6 +325,12 @@ PRESETS: dict[str, ModelConfig] = {
         sliding_window=128,
         sliding_window_layers=tuple(range(0, 36, 2)),  # sliding, full, sliding, ...
         rope_theta=150000.0,
+        rope_scaling="yarn",
+        rope_factor=32.0,
+        rope_original_max_positions=4096,
+        rope_beta_fast=32.0,
+        rope_beta_slow=1.0,
+        rope_truncate=False,
         rms_norm_eps=1e-5,
         max_seq_len=4096,
         dtype="bfloat16",

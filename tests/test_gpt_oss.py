@@ -5,11 +5,14 @@ Fixtures (tests/fixtures/hf, written by tools/hf_fixtures/make_fixtures.py --onl
 `gpt_oss/` float32 experts as save_pretrained writes them; `gpt_oss_mxfp4/` the same model with
 random MXFP4 experts (`*_blocks` / `*_scales`), its logits from the float model holding exactly
 the dequantized weights, and checked to load in transformers to the same logits;
-`mxfp4_dequant/` random blocks and scales with transformers' own dequantization of them.
+`mxfp4_dequant/` random blocks and scales with transformers' own dequantization of them;
+`gpt_oss_yarn/` the float model with the published yarn RoPE over 32 original positions.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -28,7 +31,11 @@ from models.hf_config import UnsupportedConfigError, config_from_hf
 from models.hf_loader import CheckpointError, load_hf
 from models.mxfp4 import dequantize_mxfp4
 from models.params import EXPERT_BIASES, expert_weight_names, expert_weights, moe_layer_indices
+from models.presets import get_preset
 from models.reference import forward_logits
+from models.rope import inverse_frequencies, yarn_attention_factor
+
+ROPE_REFERENCE = json.loads((FIXTURES / "rope_reference.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def gpt_oss():
 
 
 # ---- the model against transformers ---------------------------------------------------------
-@pytest.mark.parametrize("arch", ["gpt_oss", "gpt_oss_mxfp4"])
+@pytest.mark.parametrize("arch", ["gpt_oss", "gpt_oss_mxfp4", "gpt_oss_yarn"])
 def test_logits_and_greedy_match_transformers(arch, gpt_oss):
     cfg, params = gpt_oss if arch == "gpt_oss" else load_hf(FIXTURES / arch, progress=False)
     want = expected(arch)
@@ -105,6 +112,55 @@ def test_loaded_config():
     assert (
         config_from_hf(hf_config("gpt_oss", sliding_window=None), "g").sliding_window_layers == ()
     )
+
+
+# ---- yarn RoPE (the published configs' rope) -------------------------------------------------
+def test_yarn_fixture_config_and_tables_match_transformers():
+    """gpt_oss_yarn: the published yarn over 32 original positions. Its ramp bounds are
+    fractional (truncate false), cos/sin carry 0.1 ln 32 + 1, the softmax scale stays
+    head_dim^-0.5 (DeepSeek's mscale^2 is MLA's only)."""
+    cfg = config_from_hf(hf_config("gpt_oss_yarn"), "g")
+    want = expected("gpt_oss_yarn")
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_theta) == ("yarn", 32.0, 150000.0)
+    assert (cfg.rope_original_max_positions, cfg.rope_truncate) == (32, False)
+    np.testing.assert_allclose(inverse_frequencies(cfg, cfg.head_dim), want["rope_inv_freq"], 1e-6)
+    assert yarn_attention_factor(cfg) == pytest.approx(want["rope_attention_scaling"], rel=1e-12)
+    assert yarn_attention_factor(cfg) == pytest.approx(0.1 * math.log(32) + 1, rel=1e-12)
+    assert cfg.head_dim**-0.5 == pytest.approx(want["softmax_scale"], rel=1e-12)
+    # truncate true would give other tables, and other logits far beyond the 1e-4 tolerance.
+    truncated = inverse_frequencies(cfg.replace(rope_truncate=True), cfg.head_dim)
+    assert np.abs(truncated - np.asarray(want["rope_inv_freq"])).max() > 1e-3
+    assert want["truncated_logits_max_diff"] > 1e-2 and want["unscaled_logits_max_diff"] > 1
+
+
+def test_a_config_without_rope_gets_gpt_oss_yarn_as_in_transformers():
+    """GptOssConfig gives yarn when neither rope_parameters nor rope_scaling is set: the same
+    config as the published rope_scaling (theta: the top-level one, else 150000)."""
+    published = ROPE_REFERENCE["gpt-oss-120b"]["config"]["rope_scaling"]
+    bare = hf_config("gpt_oss", rope_parameters=None)
+    hub = hf_config("gpt_oss", rope_parameters=None, rope_scaling=published, rope_theta=150000)
+    cfg = config_from_hf(bare, "g")
+    assert cfg == config_from_hf(hub, "g")
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_theta) == ("yarn", 32.0, 150000.0)
+    assert (cfg.rope_original_max_positions, cfg.rope_truncate) == (4096, False)
+    assert (cfg.rope_beta_fast, cfg.rope_beta_slow) == (32.0, 1.0)
+    assert config_from_hf({**bare, "rope_theta": 10000.0}, "g").rope_theta == 10000.0
+    # An empty rope_parameters is plain rope in transformers, not the yarn default.
+    assert config_from_hf(hf_config("gpt_oss", rope_parameters={}), "g").rope_scaling == "none"
+
+
+def test_gpt_oss_120b_preset_has_the_published_yarn():
+    """The preset's tables are transformers' for openai/gpt-oss-120b's rope_scaling."""
+    cfg, entry = get_preset("gpt-oss-120b"), ROPE_REFERENCE["gpt-oss-120b"]
+    assert entry["rope_dim"] == cfg.head_dim
+    np.testing.assert_allclose(inverse_frequencies(cfg, cfg.head_dim), entry["inv_freq"], 1e-6)
+    assert yarn_attention_factor(cfg) == pytest.approx(entry["attention_scaling"], rel=1e-12)
+    hub = {**hf_config("gpt_oss", rope_parameters=None), **entry["config"]}  # published rope
+    published = config_from_hf(hub, "gpt-oss-120b")
+    rope_fields = [f for f in vars(cfg) if f.startswith("rope_")]
+    assert {f: getattr(published, f) for f in rope_fields} == {
+        f: getattr(cfg, f) for f in rope_fields
+    }
 
 
 # ---- the engine: 4 devices, a failure and a rejoin -------------------------------------------
@@ -241,9 +297,8 @@ def test_mxfp4_loads_into_bfloat16(gpt_oss):
 @pytest.mark.parametrize(
     "changes, field",
     [
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 32.0}}, "rope_parameters.rope_type"),
-        ({"rope_parameters": None, "rope_scaling": {"rope_type": "yarn"}}, "rope_scaling"),
-        ({"rope_parameters": None}, "rope_parameters"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_parameters.rope_type"),
+        ({"rope_parameters": None, "rope_scaling": {"rope_type": "yarn"}}, "rope_scaling.factor"),
         ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config.quant_method"),
         (
             {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
@@ -262,8 +317,6 @@ def test_wrong_layer_types_length_is_an_error():
 
 
 def test_gpt_oss_presets_are_consistent():
-    from models.presets import get_preset
-
     big = get_preset("gpt-oss-120b")
     assert (big.num_layers, big.num_experts, big.experts_per_token, big.d_model) == (
         36,

@@ -257,6 +257,24 @@ VARIANTS |= {
             },
         ),
     ),
+    # gpt-oss's published yarn (factor 32, betas 32 / 1, truncate false, theta 150000) over 32
+    # original positions instead of 4096, so that it acts within the 32 the tests run: with
+    # head_dim 24 the ramp is 0, 0.61, 1, ... (truncate true would make it 0, 0.5, 1, ...), and
+    # cos/sin are scaled by 0.1 ln 32 + 1; the softmax scale stays head_dim^-0.5.
+    "gpt_oss_yarn": (
+        "gpt_oss",
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
     # hidden 136 and dense width 200: the dense layer's weights span 2 x 2 blocks of 128 with a
     # ragged last block both ways; published-V3-style yarn (mscale = mscale_all_dim = 1).
     "deepseek_v3_fp8": (
@@ -581,10 +599,25 @@ def check_scaling_matters(model, logits: np.ndarray, out_dir: str) -> None:
     inv_freq, _ = rotary.compute_default_rope_parameters(config)
     rotary.inv_freq.copy_(inv_freq)
     rotary.attention_scaling = 1.0
-    for m in model.model.layers:
-        m.self_attn.scaling = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    if config.model_type.startswith("deepseek"):  # its softmax scale grows with yarn's mscale
+        for m in model.model.layers:
+            m.self_attn.scaling = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
     ids = torch.tensor([PROMPT], dtype=torch.long)
     unscaled = model(ids, use_cache=False).logits[0].float().numpy()
+    truncated_diff = None
+    if config.rope_parameters.get("truncate", True) is False:
+        # The same yarn with truncate true (integer ramp bounds): must move the logits too.
+        config.rope_parameters["truncate"] = True
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["yarn"](config)
+        config.rope_parameters["truncate"] = False
+        rotary.inv_freq.copy_(inv_freq)
+        rotary.attention_scaling = saved[1]
+        for m, scaling in zip(model.model.layers, scalings):
+            m.self_attn.scaling = scaling
+        truncated = model(ids, use_cache=False).logits[0].float().numpy()
+        truncated_diff = float(np.max(np.abs(truncated - logits)))
+        if truncated_diff < 1e-3:
+            raise RuntimeError(f"{out_dir}: truncate changes the logits by only {truncated_diff}")
     rotary.inv_freq.copy_(saved[0])
     rotary.attention_scaling = saved[1]
     for m, scaling in zip(model.model.layers, scalings):
@@ -600,6 +633,8 @@ def check_scaling_matters(model, logits: np.ndarray, out_dir: str) -> None:
     expected["rope_attention_scaling"] = float(saved[1])
     expected["rope_inv_freq"] = saved[0].tolist()
     expected["softmax_scale"] = float(scalings[0])
+    if truncated_diff is not None:
+        expected["truncated_logits_max_diff"] = truncated_diff
     with open(path, "w") as f:
         f.write(
             "{\n"
@@ -609,7 +644,8 @@ def check_scaling_matters(model, logits: np.ndarray, out_dir: str) -> None:
     print(f"{out_dir}: plain rope would move the logits by up to {diff:.3f}")
 
 
-# Published configs: transformers' yarn tables for them, for tests/test_rope.py.
+# Published configs: transformers' yarn tables for them, for tests/test_hf_deepseek_published.py
+# and tests/test_gpt_oss.py.
 PUBLISHED_ROPE = {
     "deepseek-v3": ("deepseek_v3", dict(
         qk_nope_head_dim=128, qk_rope_head_dim=64, max_position_embeddings=163840, rope_scaling={
@@ -625,6 +661,11 @@ PUBLISHED_ROPE = {
             "beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
         rope_theta=50000.0)),
+    "gpt-oss-120b": ("gpt_oss", dict(
+        head_dim=64, max_position_embeddings=131072, rope_scaling={
+            "beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+            "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+        rope_theta=150000)),
     "mixtral-linear": ("mixtral", dict(
         head_dim=128, rope_scaling={"type": "linear", "factor": 4.0}, rope_theta=1e6)),
 }  # fmt: skip
