@@ -5,6 +5,7 @@ A checkpoint directory written by `save_checkpoint`:
     elastic_moe.json   {"format": ..., "version": 1, "config": ModelConfig as a dict}
     state/             one orbax PyTree: {"dense": params without the routed experts,
                        "experts": {"<moe layer j>": {"<expert e>": {w_gate, w_up, w_down}}}}
+                       (gpt-oss experts also hold b_gate, b_up, b_down)
     tokenizer.json     (optional) a Hugging Face tokenizer
 
 Storing each expert as its own arrays lets a repair or a rejoin read exactly the experts it
@@ -29,7 +30,13 @@ import orbax.checkpoint as ocp
 
 from models.config import ModelConfig
 from models.hf_loader import CheckpointError, load_hf
-from models.params import EXPERT_WEIGHTS, Params, abstract_params, init_params, moe_layer_indices
+from models.params import (
+    Params,
+    abstract_params,
+    expert_weight_names,
+    init_params,
+    moe_layer_indices,
+)
 from models.presets import PRESETS
 from models.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -114,7 +121,7 @@ def _read_manifest(directory: Path) -> ModelConfig:
         raise CheckpointError(
             f"{path}: unknown config fields {unknown} (written by a newer build?)"
         )
-    return ModelConfig(**manifest["config"])
+    return ModelConfig.from_json_dict(manifest["config"])
 
 
 def _numpy_restore_args(item: Any) -> Any:
@@ -142,7 +149,8 @@ def _expert_item(cfg: ModelConfig, pairs: Iterable[tuple[int, int]]) -> dict:
             )
         stacked = shapes["layers"][layers[j]]["mlp"]["experts"]
         item.setdefault(str(j), {})[str(e)] = {
-            w: jax.ShapeDtypeStruct(stacked[w].shape[1:], stacked[w].dtype) for w in EXPERT_WEIGHTS
+            w: jax.ShapeDtypeStruct(stacked[w].shape[1:], stacked[w].dtype)
+            for w in expert_weight_names(cfg)
         }
     return item
 
@@ -166,11 +174,10 @@ def save_checkpoint(
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     experts = {}
+    names = expert_weight_names(cfg)
     for j, i in enumerate(moe_layer_indices(cfg)):
-        stacks = {w: np.asarray(params["layers"][i]["mlp"]["experts"][w]) for w in EXPERT_WEIGHTS}
-        experts[str(j)] = {
-            str(e): {w: stacks[w][e] for w in EXPERT_WEIGHTS} for e in range(cfg.num_experts)
-        }
+        stacks = {w: np.asarray(params["layers"][i]["mlp"]["experts"][w]) for w in names}
+        experts[str(j)] = {str(e): {w: stacks[w][e] for w in names} for e in range(cfg.num_experts)}
     state = {"dense": _str_keys(_dense_part(params, cfg)), "experts": experts}
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save((directory / STATE_DIR).resolve(), args=ocp.args.PyTreeSave(state))
@@ -199,7 +206,8 @@ def restore_experts(
 ) -> dict[tuple[int, int], ExpertWeights]:
     """Reads only the listed experts: pairs of (MoE layer index j, logical expert e).
 
-    Returns {(j, e): {"w_gate": [d, f], "w_up": [d, f], "w_down": [f, d]}} as host numpy.
+    Returns {(j, e): {"w_gate": [d, f], "w_up": [d, f], "w_down": [f, d]}} as host numpy (and
+    gpt-oss's "b_gate" [f], "b_up" [f], "b_down" [d]).
     """
     pairs = list(dict.fromkeys((int(j), int(e)) for j, e in pairs))
     if not pairs:
@@ -253,7 +261,7 @@ def restore_checkpoint(
             stacked = {w: np.empty(s.shape, s.dtype) for w, s in stacks.items()}
             for e in range(cfg.num_experts):
                 weights = restored.pop((j, e))
-                for w in EXPERT_WEIGHTS:
+                for w in expert_weight_names(cfg):
                     stacked[w][e] = weights[w]
             params["layers"][moe_layers[j]]["mlp"]["experts"] = stacked
     return cfg, params

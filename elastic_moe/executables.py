@@ -19,7 +19,7 @@ from mesh.device_mesh import build_mesh
 from mesh.reshard import SlotTransfer, SlotWriter
 from mesh.slot_checksum import SlotChecksums
 from models.config import ModelConfig
-from models.params import EXPERT_WEIGHTS, abstract_params, expert_weights
+from models.params import abstract_params, expert_weight_names, expert_weights
 
 DeviceKey = tuple[int, ...]
 
@@ -47,7 +47,7 @@ class MeshExecutables:
         experts = expert_weights(
             abstract_params(cfg, geometry.num_expert_slots), cfg.first_dense_layers
         )
-        shapes = [experts[name] for name in EXPERT_WEIGHTS]
+        shapes = [experts[name] for name in expert_weight_names(cfg)]
         self.transfer = SlotTransfer(self.mesh, shapes)
         self.writer = SlotWriter(self.mesh, shapes)
         self.checksums = SlotChecksums(self.mesh, shapes)

@@ -21,7 +21,7 @@ from mesh.placement import Placement
 
 class ExpertChecksums:
     def __init__(self, table: UInt32[np.ndarray, "layers experts weights"]):
-        # One checksum per expert weight (EXPERT_WEIGHTS order).
+        # One checksum per expert array (models.params.expert_weight_names order).
         self.table = table
 
     @classmethod

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from models.config import ModelConfig
-from models.params import EXPERT_WEIGHTS, Params, expert_weights, moe_layer_indices
+from models.params import Params, expert_weight_names, expert_weights, moe_layer_indices
 
 
 class ExpertSource:
@@ -24,11 +24,13 @@ class ExpertSource:
         return expert_weights(self.host_params, first)["w_gate"] is not None
 
     def fetch(self, layer: int, experts: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
-        """{expert: {"w_gate", "w_up", "w_down"}} of MoE layer `layer` (host numpy)."""
+        """{expert: {"w_gate", "w_up", "w_down"} (+ biases, expert_weight_names)} of MoE layer
+        `layer` (host numpy)."""
         decoder_layer = moe_layer_indices(self.cfg)[layer]
         host = expert_weights(self.host_params, decoder_layer)
         if host["w_gate"] is not None:
-            return {int(e): {n: host[n][e] for n in EXPERT_WEIGHTS} for e in experts}
+            names = expert_weight_names(self.cfg)
+            return {int(e): {n: host[n][e] for n in names} for e in experts}
         if self.checkpoint is None:
             raise RuntimeError("no host copy of the experts and no checkpoint to restore them")
         # Imported here: orbax is heavy, and importing it configures the root logger.
@@ -48,6 +50,6 @@ def without_host_experts(cfg: ModelConfig, host_params: Params) -> Params:
 
     light = copy(host_params)
     for i in moe_layer_indices(cfg):
-        for name in EXPERT_WEIGHTS:
+        for name in expert_weight_names(cfg):
             expert_weights(light, i)[name] = None
     return light

@@ -29,8 +29,8 @@ from mesh.reshard import poison, reassemble
 from mesh.transfer_plan import TransferPlan, schedule_rounds
 from models.config import ModelConfig
 from models.params import (
-    EXPERT_WEIGHTS,
     Params,
+    expert_weight_names,
     expert_weights,
     is_expert_path,
     moe_layer_indices,
@@ -254,12 +254,13 @@ class ServingMesh:
         report = IntegrityReport(epoch=self.epoch)
         s = self.geometry.expert_slots_per_device
         phy2log = self.placement.phy2log
+        names = expert_weight_names(self.cfg)
         for j, i in enumerate(moe_layer_indices(self.cfg)):
             mask = np.ones(phy2log.shape[1], bool) if written is None else written[j]
             if not mask.any():
                 continue
             weights = expert_weights(self.params, i)
-            arrays = tuple(weights[name] for name in EXPERT_WEIGHTS)
+            arrays = tuple(weights[name] for name in names)
             found = self._slot_checksums(arrays, mask)
             bad = mask & (found != checksums.expected(j, phy2log[j])).any(axis=1)
             report.slots_checked += int(mask.sum())
@@ -293,7 +294,7 @@ class ServingMesh:
                     f"MoE layer {j}: slots {np.flatnonzero(bad).tolist()} still hold the wrong "
                     "weights after a rewrite from the host copy"
                 )
-            for name, array in zip(EXPERT_WEIGHTS, arrays, strict=True):
+            for name, array in zip(names, arrays, strict=True):
                 weights[name] = array
             report.slots_repaired += int(bad.sum())
         report.verify_ms = 1000 * (time.perf_counter() - started)
@@ -302,11 +303,10 @@ class ServingMesh:
     def slot_checksums(self) -> np.ndarray:
         """[moe_layers, num_slots, weights] the on-device checksum of every expert slot."""
         every = np.ones(self.placement.num_slots, bool)
+        names = expert_weight_names(self.cfg)
         return np.stack(
             [
-                self._slot_checksums(
-                    tuple(expert_weights(self.params, i)[n] for n in EXPERT_WEIGHTS), every
-                )
+                self._slot_checksums(tuple(expert_weights(self.params, i)[n] for n in names), every)
                 for i in moe_layer_indices(self.cfg)
             ]
         )
@@ -336,15 +336,16 @@ class ServingMesh:
     ) -> int:
         n = len(entry.mesh.devices.flat)
         rounds = schedule_rounds(plan, n, slots_per_device)
+        names = expert_weight_names(self.cfg)
         for j, i in enumerate(moe_layer_indices(self.cfg)):
             weights = expert_weights(params, i)
-            arrays = tuple(weights[name] for name in EXPERT_WEIGHTS)
+            arrays = tuple(weights[name] for name in names)
             for r in range(rounds.send_slot.shape[0]):
                 arrays = entry.transfer(arrays, rounds.send_slot[r, j], rounds.recv_slot[r, j])
             arrays = _write_from_source(
                 arrays, plan.from_host[j], j, source, entry, slots_per_device, phy2log
             )
-            for name, array in zip(EXPERT_WEIGHTS, arrays, strict=True):
+            for name, array in zip(names, arrays, strict=True):
                 weights[name] = array
         return int(rounds.send_slot.shape[0])
 
@@ -383,7 +384,7 @@ def _write_from_source(
                 slot[d], expert[d] = p % slots_per_device, phy2log[layer, p]
         values = [
             (lambda d, name=name, expert=expert: host[int(expert[d])][name])
-            for name in EXPERT_WEIGHTS
+            for name in expert_weight_names(source.cfg)
         ]
         arrays = entry.writer(arrays, slot, values)
     return arrays

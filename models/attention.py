@@ -13,7 +13,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
-from models.fixed_order import fixed_order_softmax
+from models.fixed_order import fixed_order_softmax, fixed_order_softmax_with_sink
 from models.kv_cache import LayerCache, write_layer_cache
 from models.layers import Dense, RMSNorm
 from models.rope import apply_partial_rope, apply_rope, mla_softmax_scale, rope_tables
@@ -30,30 +30,65 @@ def attend(
     q_positions: Int[Array, "b c"],
     scale: float,
     numerics: str = "invariant",
+    *,
+    window: int | None = None,
+    sinks: Float[Array, " hq"] | None = None,
 ) -> Float[Array, "b c hq dv"]:
     """Causal attention of queries at `q_positions` over cached keys at positions 0..t-1.
 
     The context is always the whole cache (t = max_seq_len), so its split never depends on the
-    batch; with "invariant" numerics the softmax's sum is in a fixed order as well."""
+    batch; with "invariant" numerics the softmax's sum is in a fixed order as well.
+    gpt-oss: `window` keeps only the query's own key and the window - 1 before it (the cache
+    still holds every position: the window is a mask); `sinks` (one logit per query head)
+    join each softmax's denominator, in float32, and take no value."""
     b, c, hq, dk = q.shape
     hkv = keys.shape[1]
     q = q.reshape(b, c, hkv, hq // hkv, dk)
     scores = jnp.einsum("bckgd,bktd->bkgct", q, keys, preferred_element_type=jnp.float32) * scale
-    probs = causal_softmax(scores, q_positions, numerics).astype(values.dtype)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(1, hkv, hq // hkv, 1, 1)
+        scores = mask_unseen(scores, q_positions, window)
+        probs = _softmax_with_sink(scores, sink, numerics).astype(values.dtype)
+    else:
+        probs = causal_softmax(scores, q_positions, numerics, window=window).astype(values.dtype)
     out = jnp.einsum("bkgct,bktd->bckgd", probs, values)
     return out.reshape(b, c, hq, values.shape[-1])
 
 
-def causal_softmax(
-    scores: Float[Array, "b *heads c t"], q_positions: Int[Array, "b c"], numerics: str
+def mask_unseen(
+    scores: Float[Array, "b *heads c t"], q_positions: Int[Array, "b c"], window: int | None
 ) -> Float[Array, "b *heads c t"]:
-    """Softmax over the cached positions a query may see (0..its own), in float32."""
+    """-inf on the keys a query may not see: later positions, and with a `window` the keys
+    window or more positions before it."""
     key_positions = jnp.arange(scores.shape[-1])
     visible = key_positions[None, None, :] <= q_positions[:, :, None]  # [b, c, t]
+    if window is not None:
+        visible &= key_positions[None, None, :] > q_positions[:, :, None] - window
     visible = visible.reshape(visible.shape[0], *[1] * (scores.ndim - 3), *visible.shape[1:])
-    scores = jnp.where(visible, scores, -jnp.inf)
+    return jnp.where(visible, scores, -jnp.inf)
+
+
+def causal_softmax(
+    scores: Float[Array, "b *heads c t"],
+    q_positions: Int[Array, "b c"],
+    numerics: str,
+    *,
+    window: int | None = None,
+) -> Float[Array, "b *heads c t"]:
+    """Softmax over the cached positions a query may see (0..its own), in float32."""
+    scores = mask_unseen(scores, q_positions, window)
     softmax = fixed_order_softmax if numerics == "invariant" else jax.nn.softmax
     return softmax(scores)
+
+
+def _softmax_with_sink(
+    scores: Float[Array, "b k g c t"], sink: Float[Array, "1 k g 1 1"], numerics: str
+) -> Float[Array, "b k g c t"]:
+    if numerics == "invariant":
+        return fixed_order_softmax_with_sink(scores, sink)
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    e = jnp.exp(scores - top)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
 
 
 def _read(cache: LayerCache, rows: Int[Array, " b"] | None) -> LayerCache:

@@ -8,9 +8,17 @@ from typing import Literal
 
 RopeScaling = Literal["none", "linear", "yarn"]
 Architecture = Literal[
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
 ]
-RouterKind = Literal["softmax", "sigmoid"]
+# topk_softmax (gpt-oss): top-k of the raw logits, then a softmax over those k logits only.
+RouterKind = Literal["softmax", "sigmoid", "topk_softmax"]
 AttentionKind = Literal["gqa", "mla"]
 QKNorm = Literal["none", "per_head", "full"]
 # What the KV cache of multi-head latent attention holds per token: the normalised latent and the
@@ -81,6 +89,20 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    # gpt-oss attention: a learned logit per head that joins each softmax's denominator
+    # (models.attention_sinks), a bias on o_proj too, and a sliding window of `sliding_window`
+    # keys (the query's own included) on the layers listed in `sliding_window_layers`.
+    attention_sinks: bool = False
+    o_proj_bias: bool = False
+    sliding_window: int = 0
+    sliding_window_layers: tuple[int, ...] = ()
+    # gpt-oss experts and router: per-expert biases (they live in the expert slots beside the
+    # weights), the clamped SwiGLU (swiglu_limit > 0; models.moe.clamped_swiglu) and a bias on
+    # the router's logits.
+    expert_bias: bool = False
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.702
+    router_logit_bias: bool = False
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -159,6 +181,7 @@ class ModelConfig:
         if self.mla_cache not in MLA_CACHE_FORMS:
             raise ConfigError(f"mla_cache must be one of {MLA_CACHE_FORMS}, got {self.mla_cache!r}")
         self._check_rope_scaling()
+        self._check_gpt_oss_fields()
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -189,6 +212,25 @@ class ModelConfig:
             if value is not None and not value >= 0:
                 raise ConfigError(f"{field} must be >= 0, got {value}")
 
+    def _check_gpt_oss_fields(self) -> None:
+        # A JSON manifest gives a list; keep the config hashable and comparable.
+        object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
+        layers = self.sliding_window_layers
+        if layers and self.sliding_window <= 0:
+            raise ConfigError("sliding_window must be positive when sliding_window_layers is set")
+        if any(not 0 <= i < self.num_layers for i in layers):
+            raise ConfigError(f"sliding_window_layers {layers} must be in [0, num_layers)")
+        if self.swiglu_limit < 0:
+            raise ConfigError(f"swiglu_limit must be >= 0 (0: no clamp), got {self.swiglu_limit}")
+        if layers and not self.attention_sinks:
+            raise ConfigError("sliding_window_layers is implemented for gpt-oss attention only")
+        if self.attention_sinks and self.attention != "gqa":
+            raise ConfigError("attention_sinks is implemented for grouped-query attention only")
+
+    def window_of_layer(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer`, or None (full causal attention)."""
+        return self.sliding_window if layer in self.sliding_window_layers else None
+
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.first_dense_layers
@@ -211,10 +253,18 @@ class ModelConfig:
             return self.qk_rope_head_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
+    @classmethod
+    def from_json_dict(cls, fields: dict) -> ModelConfig:
+        """The config of a manifest's `dataclasses.asdict(cfg)` read back from JSON, where a
+        tuple field (sliding_window_layers) comes back as a list."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def expert_bytes(self) -> int:
-        """Bytes of one routed expert's weights (gate, up and down projections)."""
+        """Bytes of one routed expert's weights (gate, up and down projections, and their
+        biases where the experts have them)."""
         itemsize = 4 if self.dtype == "float32" else 2
-        return 3 * self.d_model * self.moe_d_ff * itemsize
+        biases = (2 * self.moe_d_ff + self.d_model) if self.expert_bias else 0
+        return (3 * self.d_model * self.moe_d_ff + biases) * itemsize

@@ -53,3 +53,13 @@ def fixed_order_softmax(x: Float[Array, "... n"]) -> Float[Array, "... n"]:
     top = jnp.where(jnp.isfinite(top), top, 0)
     e = jnp.exp(x - top)
     return e / fixed_order_sum(e)
+
+
+def fixed_order_softmax_with_sink(
+    x: Float[Array, "... n"], sink: Float[Array, "... 1"]
+) -> Float[Array, "... n"]:
+    """softmax over [x, sink] without the sink's own entry (gpt-oss's attention sinks): the
+    sink joins the denominator only, added after the fixed-order sum of the row."""
+    top = jnp.maximum(jnp.max(x, axis=-1, keepdims=True), sink)  # finite: the sink is
+    e = jnp.exp(x - top)
+    return e / (fixed_order_sum(e) + jnp.exp(sink - top))

@@ -1,4 +1,4 @@
-"""Hugging Face `config.json` -> ModelConfig, for the seven MoE architectures we implement.
+"""Hugging Face `config.json` -> ModelConfig, for the eight MoE architectures we implement.
 
 Accepts both hub-style configs (top-level `rope_theta` / `rope_scaling`, `num_experts`) and
 transformers-5 configs (`rope_parameters`, `num_local_experts`, `head_dim: null`); yarn and linear
@@ -17,12 +17,13 @@ from typing import Any
 from models.config import ConfigError, ModelConfig
 
 SUPPORTED_MODEL_TYPES = (
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+    "gpt_oss",
 )  # fmt: skip
 # Cache sizing: max_position_embeddings is often 32k-160k; a KV cache that long is rarely wanted.
 DEFAULT_MAX_SEQ_LEN_CAP = 4096
 # The default rope theta of each transformers config class, for configs that omit it.
-_DEFAULT_ROPE_THETA = {"mixtral": 1e6}
+_DEFAULT_ROPE_THETA = {"mixtral": 1e6, "gpt_oss": 150000.0}
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -237,12 +238,13 @@ def config_from_hf(
         raise UnsupportedConfigError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    fp8_block_size(hf)  # refuses any quantization but DeepSeek's FP8 blocks
+    if model_type != "gpt_oss":  # gpt-oss's MXFP4 experts: _gpt_oss
+        fp8_block_size(hf)  # refuses any quantization but DeepSeek's FP8 blocks
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(model_type, "hidden_act", hf["hidden_act"], "only silu is implemented")
     positions = _int(hf, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN_CAP)
     seq_len = max_seq_len or min(positions, DEFAULT_MAX_SEQ_LEN_CAP)
-    window = _sliding_window_in_effect(hf, seq_len)
+    window = None if model_type == "gpt_oss" else _sliding_window_in_effect(hf, seq_len)
     if window is not None:
         raise _refuse(
             model_type,
@@ -251,6 +253,9 @@ def config_from_hf(
             f"a sliding window shorter than max_seq_len ({seq_len}) is not implemented",
         )
 
+    # GptOssConfig: rope_parameters null and rope_scaling null or {} give yarn ({}: plain).
+    if model_type == "gpt_oss" and hf.get("rope_parameters") is None and not hf.get("rope_scaling"):
+        hf = {**hf, "rope_parameters": GPT_OSS_DEFAULT_ROPE}
     d, nh = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
     common = dict(
         name=name,
@@ -271,6 +276,8 @@ def config_from_hf(
         return _deepseek(hf, model_type, common)
     if model_type == "glm4_moe":
         return _glm4_moe(hf, common)
+    if model_type == "gpt_oss":
+        return _gpt_oss(hf, common)
 
     nkv = _int(hf, "num_key_value_heads", nh)
     gqa = dict(common, num_kv_heads=nkv, head_dim=_int(hf, "head_dim", d // nh))
@@ -380,6 +387,13 @@ def _deepseek(hf: dict, model_type: str, common: dict) -> ModelConfig:
     )
 
 
+def _refuse_scaled_rope(hf: dict, common: dict, why: str) -> None:
+    """Refuses a linear / yarn rope that _rope_scaling parsed, naming the field it came from."""
+    if common.get("rope_scaling", "none") != "none":
+        field = "rope_scaling" if _object(hf, "rope_scaling") else "rope_parameters"
+        raise _refuse(common["architecture"], f"{field}.rope_type", common["rope_scaling"], why)
+
+
 def _partial_rotary_factor(hf: dict, default: float) -> float:
     """transformers 5 keeps it in rope_parameters; hub configs have it at the top level."""
     top_level = _float(hf, "partial_rotary_factor", default)
@@ -394,12 +408,12 @@ def _glm4_moe(hf: dict, common: dict) -> ModelConfig:
     layer from first_k_dense_replace on is MoE whatever DeepSeek-style keys (moe_layer_freq,
     scoring_func, topk_method) a config carries; the MTP layers after the last one are skipped
     by the loader (num_nextn_predict_layers)."""
-    if common.get("rope_scaling", "none") != "none":
-        # GLM's published configs have no scaling; yarn over a partial rotary dim is untested.
-        field = "rope_scaling" if _object(hf, "rope_scaling") else "rope_parameters"
-        raise _refuse(
-            "glm4_moe", f"{field}.rope_type", common["rope_scaling"], "rope scaling with GLM"
-        )
+    # Neither is checked against transformers for GLM (no fixture; the published GLM-4.5
+    # configs have plain rope): refused rather than guessed.
+    _refuse_scaled_rope(hf, common, "linear / yarn RoPE is not checked for glm4_moe")
+    if hf.get("quantization_config"):
+        method = _object(hf, "quantization_config").get("quant_method")
+        raise _refuse("glm4_moe", "quantization_config.quant_method", method, "quantized weights")
     d, nh = common["d_model"], common["num_heads"]
     moe_d_ff = _int(hf, "moe_intermediate_size")
     n_shared = _int(hf, "n_shared_experts", 1, minimum=0)
@@ -424,4 +438,63 @@ def _glm4_moe(hf: dict, common: dict) -> ModelConfig:
         shared_d_ff=moe_d_ff * n_shared,
         first_dense_layers=first_dense,
         dense_d_ff=_int(hf, "intermediate_size") if first_dense else 0,
+    )
+
+
+GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+# GptOssConfig's rope when a config has neither rope_parameters nor rope_scaling; the published
+# configs say the same in rope_scaling. rope_theta: the top-level one, else 150000.
+GPT_OSS_DEFAULT_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+
+
+def _gpt_oss(hf: dict, common: dict) -> ModelConfig:
+    """transformers' GptOssConfig: GQA with q/k/v/o biases and attention sinks, sliding and
+    full layers (`layer_types`), a biased router with a softmax over the top-k logits, and
+    experts with biases and a clamped SwiGLU. MXFP4 expert weights are dequantized at load."""
+    model_type = "gpt_oss"
+    quant = _object(hf, "quantization_config")
+    if quant and quant.get("quant_method") != "mxfp4":
+        raise _refuse(
+            model_type,
+            "quantization_config.quant_method",
+            quant.get("quant_method"),
+            "only mxfp4 expert weights (dequantized at load) are implemented for gpt-oss",
+        )
+    layers = common["num_layers"]
+    types = hf.get("layer_types")
+    if types is None:  # GptOssConfig's default: sliding first, then alternating
+        types = [GPT_OSS_LAYER_TYPES[i % 2] for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers:
+        raise ConfigError(f"layer_types must be a list of {layers} entries, got {types!r}")
+    unknown = sorted(set(types) - set(GPT_OSS_LAYER_TYPES))
+    if unknown:
+        raise _refuse(model_type, "layer_types", unknown, f"expected {GPT_OSS_LAYER_TYPES}")
+    window = _int(hf, "sliding_window", 0, minimum=0)  # null: the sliding layers see everything
+    sliding = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    bias = bool(hf.get("attention_bias", True))  # GptOssConfig's default
+    d, nh = common["d_model"], common["num_heads"]
+    return ModelConfig(
+        **common,
+        num_kv_heads=_int(hf, "num_key_value_heads", nh),
+        head_dim=_int(hf, "head_dim", d // nh),
+        moe_d_ff=_int(hf, "intermediate_size"),
+        num_experts=_num_experts(hf),
+        router="topk_softmax",
+        router_logit_bias=True,
+        norm_topk_prob=False,  # not read: the softmax over the top-k already sums to 1
+        attention_bias=bias,
+        o_proj_bias=bias,
+        attention_sinks=True,
+        sliding_window=window,
+        sliding_window_layers=sliding if window else (),
+        expert_bias=True,
+        swiglu_limit=_float(hf, "swiglu_limit", 7.0),
+        swiglu_alpha=_float(hf, "swiglu_alpha", 1.702),
     )

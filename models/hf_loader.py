@@ -52,6 +52,7 @@ SAFETENSORS_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "U8": np.dtype(np.uint8),  # MXFP4 blocks and scales (gpt-oss), nothing else
 }
 # Tensors a checkpoint may carry that the math does not use (rotary caches are recomputed).
 _HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -174,14 +175,27 @@ class Source:
     """How one checkpoint tensor fills the params.
 
     kind: "whole" (the tensor is one parameter), "expert" (one expert's slot of a stack),
-    "fused_gate_up" ([E, 2I, H] -> w_gate and w_up) or "fused_down" ([E, H, I] -> w_down).
+    "fused_gate_up" ([E, 2I, H] -> w_gate and w_up) or "fused_down" ([E, H, I] -> w_down);
+    gpt-oss's kinds are models.hf_gpt_oss.GPT_OSS_KINDS.
     """
 
-    kind: Literal["whole", "expert", "fused_gate_up", "fused_down"]
+    kind: Literal[
+        "whole",
+        "expert",
+        "fused_gate_up",
+        "fused_down",
+        "gpt_oss_gate_up",
+        "gpt_oss_gate_up_bias",
+        "expert_stack",
+        "mxfp4_gate_up",
+        "mxfp4_down",
+        "mxfp4_scales",
+    ]
     leaf: tuple  # path into params, e.g. ("layers", 0, "attn", "q_proj", "kernel")
     shape: tuple[int, ...]  # shape on disk, from config.json
     transpose: bool = False
     expert: int | None = None
+    companion: str | None = None  # MXFP4: the scales of these blocks, or the blocks of these scales
 
 
 def _linear(leaf: tuple, d_in: int, d_out: int) -> Source:
@@ -214,6 +228,13 @@ def expected_tensors(cfg: ModelConfig) -> tuple[dict[str, Source], dict[str, Sou
         for name, source in _attention_tensors(cfg, ours + ("attn",)).items():
             names[hf + "self_attn." + name] = source
         mlp = ours + ("mlp",)
+        if cfg.architecture == "gpt_oss":
+            from models.hf_gpt_oss import gpt_oss_moe_tensors  # it imports this module
+
+            required, alternative = gpt_oss_moe_tensors(cfg, i)
+            names.update(required)
+            alternatives.update(alternative)
+            continue
         if i < cfg.first_dense_layers:
             for name, source in _swiglu_tensors(mlp, d, cfg.dense_d_ff).items():
                 names[hf + "mlp." + name] = source
@@ -289,6 +310,10 @@ def _attention_tensors(cfg: ModelConfig, leaf: tuple) -> dict[str, Source]:
     if cfg.attention_bias:
         for name, n in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
             out[name + ".bias"] = _vector(leaf + (name, "bias"), n)
+    if cfg.o_proj_bias:  # gpt-oss
+        out["o_proj.bias"] = _vector(leaf + ("o_proj", "bias"), d)
+    if cfg.attention_sinks:  # gpt-oss
+        out["sinks"] = _vector(leaf + ("sinks",), h)
     if cfg.qk_norm == "per_head":
         out["q_norm.weight"] = _vector(leaf + ("q_norm", "scale"), hd)
         out["k_norm.weight"] = _vector(leaf + ("k_norm", "scale"), hd)
@@ -415,7 +440,7 @@ def read_catalog(files: list[Path], shards: dict[str, Path] | None) -> Catalog:
 
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.(\d+)\.")
-_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj)(_blocks)?$")
 
 
 def check_sizes(cfg: ModelConfig, catalog: Catalog, config_path: Path) -> None:
@@ -448,6 +473,10 @@ def _targets(source: Source) -> list[tuple[tuple, int | None]]:
         return [(source.leaf, None)]
     if source.kind == "expert":
         return [(source.leaf, source.expert)]
+    if source.kind not in ("fused_gate_up", "fused_down"):
+        from models.hf_gpt_oss import gpt_oss_targets  # it imports this module
+
+        return gpt_oss_targets(source)
     weights = ("w_gate", "w_up") if source.kind == "fused_gate_up" else ("w_down",)
     return [(source.leaf + (w,), e) for e in range(source.shape[0]) for w in weights]
 
@@ -459,7 +488,7 @@ def plan_load(
     for a tensor we would drop, a shape or dtype config.json does not imply, a slot filled
     twice, or a tensor missing (named after `missing_where`). Reads no tensor data."""
     names, alternatives = expected_tensors(cfg)
-    pending = {(s.leaf, s.expert): name for name, s in names.items()}
+    pending = {target: name for name, s in names.items() for target in _targets(s)}
     filled: set[tuple] = set()
     plan = []
     for name, (path, info) in catalog.items():
@@ -479,6 +508,14 @@ def plan_load(
         if SAFETENSORS_DTYPES.get(info.dtype) is None:
             raise CheckpointError(
                 f"{path}: tensor {name}: dtype {info.dtype} is not a supported float type"
+            )
+        if (info.dtype == "U8") != source.kind.startswith("mxfp4"):
+            want = "U8 (MXFP4)" if source.kind.startswith("mxfp4") else "a float type"
+            raise CheckpointError(f"{path}: tensor {name}: dtype {info.dtype}, expected {want}")
+        if source.companion is not None and source.companion not in catalog:
+            raise CheckpointError(
+                f"{path}: tensor {name} comes without {source.companion} (MXFP4 blocks and "
+                "scales go together)"
             )
         for leaf, expert in _targets(source):
             if (leaf, expert) in filled:
@@ -583,7 +620,9 @@ def _finite(file: SafetensorsFile, name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _fill(params: Params, file: SafetensorsFile, name: str, source: Source) -> None:
+def _fill(
+    params: Params, file: SafetensorsFile, name: str, source: Source, catalog: Catalog
+) -> None:
     """Reads one planned tensor into its place in the preallocated params."""
     if source.kind == "whole":
         array = _finite(file, name, file.read(name))
@@ -597,10 +636,14 @@ def _fill(params: Params, file: SafetensorsFile, name: str, source: Source) -> N
         for e in range(source.shape[0]):
             both = _finite(file, name, file.read(name, e))  # [2I, H]: gate rows, then up rows
             w_gate[e], w_up[e] = both[:f].T, both[f:].T
-    else:  # fused_down
+    elif source.kind == "fused_down":
         w_down = _leaf(params, source.leaf + ("w_down",))
         for e in range(source.shape[0]):
             w_down[e] = _finite(file, name, file.read(name, e)).T
+    else:
+        from models.hf_gpt_oss import fill_gpt_oss  # it imports this module
+
+        fill_gpt_oss(params, file, name, source, catalog)
 
 
 def load_hf(
@@ -632,7 +675,8 @@ def load_hf(
         raise CheckpointError(f"{config_path}: {detail}") from None
     files, shards = checkpoint_files(directory)
     catalog = read_catalog(files, shards)
-    block = fp8_block_size(hf_config)  # config_from_hf refused any other quantization
+    # config_from_hf refused any other quantization; gpt-oss's MXFP4 is read by models.hf_gpt_oss
+    block = None if cfg.architecture == "gpt_oss" else fp8_block_size(hf_config)
     scales = split_fp8_scales(catalog, block)
     check_sizes(cfg, catalog, config_path)
     if shards is not None:
@@ -669,7 +713,7 @@ def load_hf(
                     _fill_fp8(params, file, name, source, scale, block)
                     advance(scale_info.end - scale_info.start)
                 else:
-                    _fill(params, file, name, source)
+                    _fill(params, file, name, source, catalog)
                 advance(info.end - info.start)
             file.close()
     for scale_file in opened.values():

@@ -38,6 +38,24 @@ from models.row_invariant import matmul
 NUMERICS_MODES = ("invariant", "fast")
 
 
+class ExpertBiases(NamedTuple):
+    """gpt-oss's per-expert biases, stored in the slots beside the weights."""
+
+    b_gate: Float[Array, "s f"]
+    b_up: Float[Array, "s f"]
+    b_down: Float[Array, "s d"]
+
+
+def clamped_swiglu(
+    gate: Float[Array, "n f"], up: Float[Array, "n f"], alpha: float, limit: float
+) -> Float[Array, "n f"]:
+    """gpt-oss's expert activation: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)
+    with g = min(gate, limit) (transformers' GptOssExperts._apply_gate)."""
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(alpha * gate))
+
+
 class ExpertTables(NamedTuple):
     """One layer's placement, as arrays fed to the compiled step."""
 
@@ -62,12 +80,17 @@ def expert_parallel_ffn(
     w_down: Float[Array, "s f d"],
     axis_name: str | None,
     numerics: str = "invariant",
+    biases: ExpertBiases | None = None,
+    swiglu_limit: float = 0.0,
+    swiglu_alpha: float = 1.702,
 ) -> Float[Array, "t d"]:
     """sum_k weights[t, k] * expert_{slots[t, k]}(x[t]) for this device's tokens.
 
     `w_*` are this device's slots; with `axis_name`, slot p lives on device p // s.
     numerics: "invariant" returns float32, summed per token in k order whatever the mesh;
     "fast" returns x's dtype, summed across devices by a reduce-scatter (see the module doc).
+    gpt-oss: `biases` (this device's slots) are added after each projection, gathered per row
+    by its slot; swiglu_limit > 0 selects clamped_swiglu instead of silu(gate) * up.
     """
     if numerics not in NUMERICS_MODES:
         raise ValueError(f"numerics must be one of {NUMERICS_MODES}, got {numerics!r}")
@@ -88,10 +111,22 @@ def expert_parallel_ffn(
         order = jnp.argsort(group, stable=True)
         rows = x_all[order // k]
         group_sizes = jnp.bincount(group, length=s + 1)[:s].astype(jnp.int32)
+        # Each sorted row's local slot; rows of other devices' slots (group s) read slot s - 1,
+        # and their outputs are never used.
+        row_slot = jnp.minimum(group[order], s - 1)
     with jax.named_scope("grouped_matmul"):
         gate = grouped_matmul(rows, w_gate, group_sizes)
         up = grouped_matmul(rows, w_up, group_sizes)
-        out = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
+        if biases is not None:
+            gate = gate + biases.b_gate[row_slot].astype(gate.dtype)
+            up = up + biases.b_up[row_slot].astype(up.dtype)
+        if swiglu_limit > 0:
+            hidden = clamped_swiglu(gate, up, swiglu_alpha, swiglu_limit)
+        else:
+            hidden = jax.nn.silu(gate) * up
+        out = grouped_matmul(hidden, w_down, group_sizes)
+        if biases is not None:
+            out = out + biases.b_down[row_slot].astype(out.dtype)
     if numerics == "invariant":
         with jax.named_scope("combine_invariant"):
             pairs = jnp.zeros_like(out).at[order].set(out)  # [(devices t) k, d], pair order
@@ -151,12 +186,24 @@ class RoutedExperts(nnx.Module):
             jax.nn.initializers.normal(f**-0.5)(rngs.params(), (num_slots, f, d), dt),
             logical_axes=axes,
         )
+        if cfg.expert_bias:  # gpt-oss; names in models.params.EXPERT_BIASES
+            bias = jax.nn.initializers.normal(0.1)
+            self.b_gate = nnx.Param(bias(rngs.params(), (num_slots, f), dt), logical_axes=axes[:2])
+            self.b_up = nnx.Param(bias(rngs.params(), (num_slots, f), dt), logical_axes=axes[:2])
+            self.b_down = nnx.Param(bias(rngs.params(), (num_slots, d), dt), logical_axes=axes[:2])
+
+    def biases(self) -> ExpertBiases | None:
+        if not hasattr(self, "b_gate"):
+            return None
+        return ExpertBiases(self.b_gate[...], self.b_up[...], self.b_down[...])
 
 
 class MoEBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, num_slots: int, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.router = Dense(cfg.d_model, cfg.num_experts, rngs=rngs, dtype="float32")
+        self.router = Dense(
+            cfg.d_model, cfg.num_experts, rngs=rngs, dtype="float32", bias=cfg.router_logit_bias
+        )
         self.router_bias = (
             nnx.Param(
                 0.1 * jax.random.normal(rngs.params(), (cfg.num_experts,)), logical_axes=(None,)
@@ -189,12 +236,24 @@ class MoEBlock(nnx.Module):
         rounded once to x's dtype."""
         with jax.named_scope("routing"):
             logits = matmul(x.astype(jnp.float32), self.router.kernel[...].astype(jnp.float32))
+            if self.router.bias is not None:  # gpt-oss: a bias on the logits themselves
+                logits = logits + self.router.bias[...].astype(jnp.float32)
             bias = None if self.router_bias is None else self.router_bias[...]
             weights, experts = route(logits, self.cfg, bias, numerics)
             slots = physical_slots(experts, tables, token_ids)
         e = self.experts
         y = expert_parallel_ffn(
-            x, slots, weights, e.w_gate[...], e.w_up[...], e.w_down[...], axis_name, numerics
+            x,
+            slots,
+            weights,
+            e.w_gate[...],
+            e.w_up[...],
+            e.w_down[...],
+            axis_name,
+            numerics,
+            biases=e.biases(),
+            swiglu_limit=self.cfg.swiglu_limit,
+            swiglu_alpha=self.cfg.swiglu_alpha,
         )
         if self.shared is not None:
             with jax.named_scope("shared_expert"):

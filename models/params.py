@@ -18,6 +18,14 @@ from models.transformer import MoETransformer
 
 Params = dict[str, Any]
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+# gpt-oss's per-expert biases: b_gate/b_up [num_experts, f], b_down [num_experts, d].
+EXPERT_BIASES = ("b_gate", "b_up", "b_down")
+
+
+def expert_weight_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every per-expert array of a MoE layer: what a slot holds and what moves, is checksummed,
+    restored and saved with its expert."""
+    return EXPERT_WEIGHTS + EXPERT_BIASES if cfg.expert_bias else EXPERT_WEIGHTS
 
 
 def _abstract_model(cfg: ModelConfig, num_slots: int | None) -> tuple[nnx.GraphDef, nnx.State]:
@@ -62,14 +70,15 @@ def moe_layer_indices(cfg: ModelConfig) -> list[int]:
 
 
 def expert_weights(params: Params, layer: int) -> dict[str, Any]:
-    """The routed-expert arrays of decoder layer `layer`: {'w_gate', 'w_up', 'w_down'}."""
+    """The routed-expert arrays of decoder layer `layer`: {'w_gate', 'w_up', 'w_down'} (and
+    the biases, see expert_weight_names)."""
     return params["layers"][layer]["mlp"]["experts"]
 
 
 def iter_expert_paths(cfg: ModelConfig) -> Iterator[tuple[int, int, str]]:
     """(moe layer index j, decoder layer index i, weight name) for every routed-expert array."""
     for j, i in enumerate(moe_layer_indices(cfg)):
-        for name in EXPERT_WEIGHTS:
+        for name in expert_weight_names(cfg):
             yield j, i, name
 
 

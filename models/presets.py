@@ -24,6 +24,19 @@ _DEEPSEEK_V3_YARN = dict(
 )
 _TINY = dict(vocab_size=256, d_model=64, num_layers=2, max_seq_len=128, rms_norm_eps=1e-6)
 
+_GPT_OSS = dict(
+    architecture="gpt_oss",
+    router="topk_softmax",
+    router_logit_bias=True,
+    norm_topk_prob=False,
+    attention_bias=True,
+    o_proj_bias=True,
+    attention_sinks=True,
+    expert_bias=True,
+    swiglu_limit=7.0,
+    swiglu_alpha=1.702,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny-mixtral": ModelConfig(
         name="tiny-mixtral",
@@ -107,6 +120,23 @@ PRESETS: dict[str, ModelConfig] = {
         shared_d_ff=32,
         first_dense_layers=1,
         dense_d_ff=128,
+        rms_norm_eps=1e-5,
+    ),
+    "tiny-gpt-oss": ModelConfig(
+        name="tiny-gpt-oss",
+        **_GPT_OSS,
+        vocab_size=256,
+        d_model=64,
+        num_layers=3,
+        max_seq_len=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        moe_d_ff=64,
+        num_experts=16,
+        experts_per_token=4,
+        sliding_window=16,
+        sliding_window_layers=(0, 2),
         rms_norm_eps=1e-5,
     ),
     # Real shapes (random weights), for benchmarks.
@@ -278,6 +308,33 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-5,
         dtype="bfloat16",
     ),
+    # openai/gpt-oss-120b's config.json (transformers' GptOssConfig defaults are the same
+    # shapes), with its yarn: factor 32 over 4096 positions, theta 150000, truncate false.
+    "gpt-oss-120b": ModelConfig(
+        name="gpt-oss-120b",
+        **_GPT_OSS,
+        vocab_size=201088,
+        d_model=2880,
+        num_layers=36,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=64,
+        moe_d_ff=2880,
+        num_experts=128,
+        experts_per_token=4,
+        sliding_window=128,
+        sliding_window_layers=tuple(range(0, 36, 2)),  # sliding, full, sliding, ...
+        rope_theta=150000.0,
+        rope_scaling="yarn",
+        rope_factor=32.0,
+        rope_original_max_positions=4096,
+        rope_beta_fast=32.0,
+        rope_beta_slow=1.0,
+        rope_truncate=False,
+        rms_norm_eps=1e-5,
+        max_seq_len=4096,
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -295,5 +352,6 @@ def trained_configs() -> dict[str, ModelConfig]:
     read from their manifests without loading any weight (and without importing jax)."""
     configs = {}
     for manifest in sorted(TRAINED_DIR.glob(f"*/{MANIFEST}")):
-        configs[manifest.parent.name] = ModelConfig(**json.loads(manifest.read_text())["config"])
+        fields = json.loads(manifest.read_text())["config"]
+        configs[manifest.parent.name] = ModelConfig.from_json_dict(fields)
     return configs

@@ -21,6 +21,9 @@ Exactly what transformers 5.24 computes (`modeling_rope_utils.py`,
   (DeepSeek-V3 sets mscale = mscale_all_dim, so the factor is 1.)
 * DeepSeek multiplies its softmax scale (nope + rope)^-0.5 by mscale(factor, mscale_all_dim)^2
   whenever the rope is scaled and mscale_all_dim is nonzero (`mla_softmax_scale`).
+* gpt-oss (its published yarn: factor 32, truncate false, no mscale keys): the ramp bounds stay
+  fractional, cos/sin carry mscale(32, 1) = 0.1 ln 32 + 1, and its softmax scale is
+  head_dim^-0.5, untouched (`mla_softmax_scale` is MLA's alone).
 
 The tables depend on the config alone, so they are computed once in NumPy float32 (what torch
 does) and enter the compiled program as constants.

@@ -4,6 +4,7 @@ softmax (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2): top-k of the softmax scores,
 renormalised; with expert groups, only the best `topk_groups` groups (by their best score) count.
 sigmoid (DeepSeek-V3): sigmoid scores; a correction bias picks the experts (and the groups, by
 the sum of each group's two best biased scores) but the weights are the unbiased scores.
+topk_softmax (gpt-oss): top-k of the logits, then a softmax over those k logits alone.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def route(
     logits = logits.astype(jnp.float32)
     k, groups = cfg.experts_per_token, cfg.num_expert_groups
     t, e = logits.shape
-    if cfg.router == "sigmoid":
+    if cfg.router == "topk_softmax":
+        top, experts = jax.lax.top_k(logits, k)
+        weights = softmax(top)
+    elif cfg.router == "sigmoid":
         scores = jax.nn.sigmoid(logits)
         selection = scores if bias is None else scores + bias.astype(jnp.float32)
         if groups > 1:

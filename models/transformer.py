@@ -14,6 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from models.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from models.attention_sinks import SinkAttention
 from models.config import ModelConfig
 from models.kv_cache import LayerCache
 from models.layers import Dense, RMSNorm, SwiGLU, dtype_of
@@ -26,7 +27,10 @@ class DecoderLayer(nnx.Module):
         self.is_moe = index >= cfg.first_dense_layers
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, dtype=cfg.dtype)
         attention = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
-        self.attn = attention(cfg, rngs=rngs)
+        if cfg.attention_sinks:  # gpt-oss
+            self.attn = SinkAttention(cfg, cfg.window_of_layer(index), rngs=rngs)
+        else:
+            self.attn = attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, dtype=cfg.dtype)
         if self.is_moe:
             self.mlp = MoEBlock(cfg, num_slots, rngs=rngs)

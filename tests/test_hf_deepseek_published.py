@@ -101,7 +101,8 @@ def _published_config(entry: dict) -> dict:
 def test_published_rope_configs_match_transformers(name):
     entry = ROPE_REFERENCE[name]
     cfg = config_from_hf(_published_config(entry), name)
-    assert cfg.rope_scaling == entry["config"]["rope_scaling"]["type"]
+    scaling = entry["config"]["rope_scaling"]
+    assert cfg.rope_scaling == scaling.get("type", scaling.get("rope_type"))  # hub: either key
     np.testing.assert_allclose(
         inverse_frequencies(cfg, entry["rope_dim"]), entry["inv_freq"], rtol=1e-6
     )

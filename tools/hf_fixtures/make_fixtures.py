@@ -193,6 +193,19 @@ CONFIGS: dict[str, dict] = {
         use_qk_norm=True,  # per-head q/k RMSNorm (GLM-4.5 / 4.6)
         num_nextn_predict_layers=0,
     ),
+    "gpt_oss": dict(
+        hidden_size=64,  # hidden and expert width multiples of 32: MXFP4 blocks (gpt_oss_mxfp4)
+        head_dim=24,  # explicit, != hidden/heads (=16), like real gpt-oss (64 vs 2880/64 = 45)
+        intermediate_size=32,  # per-expert FFN width
+        num_hidden_layers=3,  # layer_types default: sliding, full, sliding
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=4,
+        sliding_window=8,  # shorter than prompt + greedy (32): the window masks keys
+        swiglu_limit=1.0,  # small so the clamp binds (gpt-oss uses 7.0 at a larger scale)
+        attention_bias=True,
+    ),
 }
 
 # Fixtures of an architecture above with some fields changed: name -> (model_type, changes).
@@ -244,6 +257,24 @@ VARIANTS |= {
             },
         ),
     ),
+    # gpt-oss's published yarn (factor 32, betas 32 / 1, truncate false, theta 150000) over 32
+    # original positions instead of 4096, so that it acts within the 32 the tests run: with
+    # head_dim 24 the ramp is 0, 0.61, 1, ... (truncate true would make it 0, 0.5, 1, ...), and
+    # cos/sin are scaled by 0.1 ln 32 + 1; the softmax scale stays head_dim^-0.5.
+    "gpt_oss_yarn": (
+        "gpt_oss",
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
     # hidden 136 and dense width 200: the dense layer's weights span 2 x 2 blocks of 128 with a
     # ragged last block both ways; published-V3-style yarn (mscale = mscale_all_dim = 1).
     "deepseek_v3_fp8": (
@@ -287,7 +318,7 @@ def build(arch: str):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name.endswith("_proj_bias"):  # gpt_oss experts
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
@@ -380,9 +411,9 @@ def write_fixture(model, out_dir: str, arch: str, max_shard_size=None):
 
 
 @torch.no_grad()
-def verify(out_dir: str, prompt_logits: np.ndarray, greedy: list[int]):
+def verify(out_dir: str, prompt_logits: np.ndarray, greedy: list[int], **load_kwargs):
     m = AutoModelForCausalLM.from_pretrained(
-        out_dir, dtype=torch.float32, attn_implementation="eager"
+        out_dir, dtype=torch.float32, attn_implementation="eager", **load_kwargs
     ).eval()
     ids = torch.tensor([PROMPT], dtype=torch.long)
     got = m(ids, use_cache=False).logits[0].float().numpy()
@@ -395,6 +426,74 @@ def verify(out_dir: str, prompt_logits: np.ndarray, greedy: list[int]):
     if gen != greedy:
         raise RuntimeError(f"{out_dir}: reloaded greedy {gen} != {greedy}")
     return diff
+
+
+@torch.no_grad()
+def write_mxfp4_fixture(model, out_dir: str):
+    """gpt_oss with its experts in the published MXFP4 format: random `*_blocks` / `*_scales`
+    (uint8), the float model's experts set to exactly their dequantized values
+    (transformers' own convert_moe_packed_tensors), so the float model's outputs are the
+    expectation. Then transformers itself must load the directory (dequantizing) to the same
+    logits."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(SEED + 2)
+    packed = {}
+    for i, layer in enumerate(model.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            param = getattr(layer.mlp.experts, proj)  # [E, in, out]
+            e, d_in, d_out = param.shape
+            blocks = torch.randint(
+                0, 256, (e, d_out, d_in // 32, 16), generator=g, dtype=torch.uint8
+            )
+            # Exponents 2^-5 .. 2^-2 (scale - 127): weights of the size INIT_STD gives.
+            scales = torch.randint(122, 126, (e, d_out, d_in // 32), generator=g, dtype=torch.uint8)
+            param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            packed[name + "_blocks"], packed[name + "_scales"] = blocks, scales
+    write_fixture(model, out_dir, "gpt_oss")
+    path = os.path.join(out_dir, "model.safetensors")
+    tensors = load_file(path)
+    for name in packed:
+        tensors.pop(name.removesuffix("_blocks").removesuffix("_scales"), None)
+    tensors.update(packed)
+    save_file(tensors, path, metadata={"format": "pt"})
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def write_mxfp4_dequant_reference(out_dir: str):
+    """Random MXFP4 blocks and scales, and what transformers' convert_moe_packed_tensors makes
+    of them in float32 and bfloat16 (a unit test of our dequantization, models/mxfp4.py)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    os.makedirs(out_dir, exist_ok=True)
+    g = torch.Generator().manual_seed(SEED + 3)
+    # [E, out, in/32, 16]
+    blocks = torch.randint(0, 256, (3, 5, 4, 16), generator=g, dtype=torch.uint8)
+    # Exponents from 2^-127 (subnormal results) to 2^+20, and the bias itself (2^0).
+    scales = torch.randint(100, 148, (3, 5, 4), generator=g, dtype=torch.uint8)
+    scales[0, 0, 0], scales[0, 0, 1], scales[1, 2, 3] = 0, 127, 1
+    arrays = {"blocks": blocks.numpy(), "scales": scales.numpy()}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        out = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, in, out]
+        arrays[f"expected_{name}"] = out.float().numpy()
+    for name, array in arrays.items():
+        np.save(os.path.join(out_dir, f"{name}.npy"), array, allow_pickle=False)
+    print(f"mxfp4 dequant reference: {', '.join(arrays)} in {out_dir}")
 
 
 def dir_size(d):
@@ -500,10 +599,25 @@ def check_scaling_matters(model, logits: np.ndarray, out_dir: str) -> None:
     inv_freq, _ = rotary.compute_default_rope_parameters(config)
     rotary.inv_freq.copy_(inv_freq)
     rotary.attention_scaling = 1.0
-    for m in model.model.layers:
-        m.self_attn.scaling = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    if config.model_type.startswith("deepseek"):  # its softmax scale grows with yarn's mscale
+        for m in model.model.layers:
+            m.self_attn.scaling = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
     ids = torch.tensor([PROMPT], dtype=torch.long)
     unscaled = model(ids, use_cache=False).logits[0].float().numpy()
+    truncated_diff = None
+    if config.rope_parameters.get("truncate", True) is False:
+        # The same yarn with truncate true (integer ramp bounds): must move the logits too.
+        config.rope_parameters["truncate"] = True
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["yarn"](config)
+        config.rope_parameters["truncate"] = False
+        rotary.inv_freq.copy_(inv_freq)
+        rotary.attention_scaling = saved[1]
+        for m, scaling in zip(model.model.layers, scalings):
+            m.self_attn.scaling = scaling
+        truncated = model(ids, use_cache=False).logits[0].float().numpy()
+        truncated_diff = float(np.max(np.abs(truncated - logits)))
+        if truncated_diff < 1e-3:
+            raise RuntimeError(f"{out_dir}: truncate changes the logits by only {truncated_diff}")
     rotary.inv_freq.copy_(saved[0])
     rotary.attention_scaling = saved[1]
     for m, scaling in zip(model.model.layers, scalings):
@@ -519,6 +633,8 @@ def check_scaling_matters(model, logits: np.ndarray, out_dir: str) -> None:
     expected["rope_attention_scaling"] = float(saved[1])
     expected["rope_inv_freq"] = saved[0].tolist()
     expected["softmax_scale"] = float(scalings[0])
+    if truncated_diff is not None:
+        expected["truncated_logits_max_diff"] = truncated_diff
     with open(path, "w") as f:
         f.write(
             "{\n"
@@ -528,7 +644,8 @@ def check_scaling_matters(model, logits: np.ndarray, out_dir: str) -> None:
     print(f"{out_dir}: plain rope would move the logits by up to {diff:.3f}")
 
 
-# Published configs: transformers' yarn tables for them, for tests/test_rope.py.
+# Published configs: transformers' yarn tables for them, for tests/test_hf_deepseek_published.py
+# and tests/test_gpt_oss.py.
 PUBLISHED_ROPE = {
     "deepseek-v3": ("deepseek_v3", dict(
         qk_nope_head_dim=128, qk_rope_head_dim=64, max_position_embeddings=163840, rope_scaling={
@@ -544,6 +661,11 @@ PUBLISHED_ROPE = {
             "beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
         rope_theta=50000.0)),
+    "gpt-oss-120b": ("gpt_oss", dict(
+        head_dim=64, max_position_embeddings=131072, rope_scaling={
+            "beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+            "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+        rope_theta=150000)),
     "mixtral-linear": ("mixtral", dict(
         head_dim=128, rope_scaling={"type": "linear", "factor": 4.0}, rope_theta=1e6)),
 }  # fmt: skip
@@ -583,8 +705,11 @@ def main():
     ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic reductions
-    archs = args.only or [*CONFIGS, *VARIANTS, "rope_reference"]
+    archs = args.only or [*CONFIGS, *VARIANTS, "rope_reference", "mxfp4_dequant"]
     total = 0
+    if "mxfp4_dequant" in archs:
+        write_mxfp4_dequant_reference(os.path.join(args.out, "mxfp4_dequant"))
+        archs = [a for a in archs if a != "mxfp4_dequant"]
     for arch in archs:
         if arch == "rope_reference":
             write_rope_reference(os.path.join(args.out, "rope_reference.json"))
@@ -617,6 +742,18 @@ def main():
             sz = dir_size(sh_dir)
             total += sz
             print(f"{'qwen3_moe_sharded':18s} shards={len(shards)} size={sz / 1024:7.1f} KiB")
+        if arch == "gpt_oss":
+            q_dir = os.path.join(args.out, "gpt_oss_mxfp4")
+            write_mxfp4_fixture(model, q_dir)  # changes the model's experts: keep it last
+            with open(os.path.join(q_dir, "expected.json")) as f:
+                q_expected = json.load(f)
+            q_logits = np.load(os.path.join(q_dir, "expected_logits.npy"))
+            # transformers dequantizes the experts at load (as we do), to float32 here.
+            dequantize = transformers.Mxfp4Config(dequantize=True)
+            verify(q_dir, q_logits, q_expected["greedy"], quantization_config=dequantize)
+            sz = dir_size(q_dir)
+            total += sz
+            print(f"{'gpt_oss_mxfp4':18s} size={sz / 1024:7.1f} KiB greedy={q_expected['greedy']}")
     print(
         f"total {total / 1024:.1f} KiB; torch {torch.__version__}, transformers {transformers.__version__}"
     )

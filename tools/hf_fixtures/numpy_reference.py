@@ -1,4 +1,5 @@
-"""Independent NumPy re-implementation of the seven HF MoE architectures.
+"""Independent NumPy re-implementation of the eight HF MoE architectures (gpt_oss included,
+with its MXFP4 experts).
 
 Purpose: an executable version of ARCHITECTURES.md. It reads only
 ``config.json`` + ``*.safetensors`` of a fixture dir (no torch, no
@@ -44,7 +45,7 @@ def load_dir(d):
         k = re.sub(r"(experts\.\d+)\.w1\.", r"\1.gate_proj.", k)
         k = re.sub(r"(experts\.\d+)\.w3\.", r"\1.up_proj.", k)
         k = re.sub(r"(experts\.\d+)\.w2\.", r"\1.down_proj.", k)
-        out[k] = v.astype(DT)
+        out[k] = v if v.dtype == np.uint8 else v.astype(DT)  # uint8: MXFP4 blocks / scales
     return cfg, out
 
 
@@ -113,15 +114,24 @@ def rope_interleaved(x, ang, out_layout="half"):
     return out
 
 
-def attention(q, k, v, scale):
-    """q: [Hq,T,D], k: [Hkv,T,D], v: [Hkv,T,Dv]; GQA: q head h uses kv head h // (Hq/Hkv)."""
+def attention(q, k, v, scale, sinks=None, window=None):
+    """q: [Hq,T,D], k: [Hkv,T,D], v: [Hkv,T,Dv]; GQA: q head h uses kv head h // (Hq/Hkv).
+    gpt_oss: `sinks` [Hq] join each softmax and are dropped; `window` keeps keys j with
+    i - window < j <= i."""
     rep = q.shape[0] // k.shape[0]
     k = np.repeat(k, rep, axis=0)
     v = np.repeat(v, rep, axis=0)
     T = q.shape[1]
     s = q @ k.transpose(0, 2, 1) * scale
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
-    return softmax(s) @ v  # [Hq, T, Dv]
+    visible = np.tril(np.ones((T, T), bool))
+    if window:
+        i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+        visible &= j > i - window
+    s = np.where(visible, s, -np.inf)
+    if sinks is None:
+        return softmax(s) @ v  # [Hq, T, Dv]
+    sink = np.broadcast_to(sinks[:, None, None], (q.shape[0], T, 1))
+    return softmax(np.concatenate([s, sink], -1))[..., :-1] @ v
 
 
 def routed(x, idx, wts, gate, up, down):
@@ -183,7 +193,7 @@ def router_deepseek_v3(logits, bias, cfg):
 
 
 # --------------------------------------------------------------------------- blocks
-def gqa_attention(cfg, w, p, x, arch):
+def gqa_attention(cfg, w, p, x, arch, layer=0):
     T, Hd = x.shape
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or Hd // nh
@@ -206,7 +216,12 @@ def gqa_attention(cfg, w, p, x, arch):
     ang = rope_angles(T, rot, cfg["rope_parameters"]["rope_theta"])
     q = np.concatenate([rope_half(q[..., :rot], ang), q[..., rot:]], -1)
     k = np.concatenate([rope_half(k[..., :rot], ang), k[..., rot:]], -1)
-    o = attention(q, k, v, hd**-0.5).transpose(1, 0, 2).reshape(T, nh * hd)
+    sinks, window = None, None
+    if arch == "gpt_oss":  # o_proj has a bias too (picked up by b("o_proj") below)
+        sinks = w[p + "sinks"]
+        if cfg["layer_types"][layer] == "sliding_attention":
+            window = cfg["sliding_window"]
+    o = attention(q, k, v, hd**-0.5, sinks, window).transpose(1, 0, 2).reshape(T, nh * hd)
     return linear(o, w[p + "o_proj.weight"], b("o_proj"))
 
 
@@ -245,7 +260,44 @@ def mla_attention(cfg, w, p, x, arch):
     return linear(o, w[p + "o_proj.weight"])
 
 
+FP4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], DT)
+
+
+def mxfp4(blocks, scales):
+    """[..., G, 16] uint8 codes (low nibble first) + [..., G] exponents (bias 127) -> [..., G*32]."""
+    vals = np.empty((*blocks.shape[:-1], 32), DT)
+    vals[..., 0::2], vals[..., 1::2] = FP4[blocks & 15], FP4[blocks >> 4]
+    vals = vals * 2.0 ** (scales.astype(np.int64)[..., None] - 127)
+    return vals.reshape(*scales.shape[:-1], -1)
+
+
+def gpt_oss_mlp(cfg, w, p, x):
+    """Router: linear + bias, top-k of the logits, softmax over those k. Experts ([in, out],
+    gate/up interleaved): gate = min(gate, limit), up = clip(up, +-limit),
+    ((up + 1) * gate * sigmoid(alpha * gate)) @ down + down_bias."""
+    logits = linear(x, w[p + "router.weight"], w[p + "router.bias"])
+    idx = topk(logits, cfg["num_experts_per_tok"])
+    wts = softmax(np.take_along_axis(logits, idx, -1))
+    e = p + "experts."
+    if e + "gate_up_proj_blocks" in w:  # published MXFP4: [E, out, in] after dequantization
+        gu = mxfp4(w[e + "gate_up_proj_blocks"], w[e + "gate_up_proj_scales"]).swapaxes(1, 2)
+        dn = mxfp4(w[e + "down_proj_blocks"], w[e + "down_proj_scales"]).swapaxes(1, 2)
+    else:
+        gu, dn = w[e + "gate_up_proj"], w[e + "down_proj"]  # [E, H, 2I], [E, I, H]
+    gub, dnb = w[e + "gate_up_proj_bias"], w[e + "down_proj_bias"]
+    limit, alpha = cfg["swiglu_limit"], cfg.get("swiglu_alpha", 1.702)
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for ex, wt in zip(idx[t], wts[t]):
+            h = x[t] @ gu[ex] + gub[ex]
+            gate, up = np.minimum(h[0::2], limit), np.clip(h[1::2], -limit, limit)
+            out[t] += wt * (((up + 1) * gate * sigmoid(alpha * gate)) @ dn[ex] + dnb[ex])
+    return out
+
+
 def mlp(cfg, w, p, x, arch, layer):
+    if arch == "gpt_oss":
+        return gpt_oss_mlp(cfg, w, p, x)
     k = cfg["num_experts_per_tok"]
     if arch in ("deepseek_v2", "deepseek_v3", "glm4_moe"):  # glm4_moe routes as deepseek_v3
         if layer < cfg["first_k_dense_replace"]:
@@ -288,8 +340,10 @@ def forward(cfg, w, ids):
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         xn = rmsnorm(h, w[p + "input_layernorm.weight"], eps)
-        attn = mla_attention if arch.startswith("deepseek") else gqa_attention
-        h = h + attn(cfg, w, p + "self_attn.", xn, arch)
+        if arch.startswith("deepseek"):
+            h = h + mla_attention(cfg, w, p + "self_attn.", xn, arch)
+        else:
+            h = h + gqa_attention(cfg, w, p + "self_attn.", xn, arch, i)
         xn = rmsnorm(h, w[p + "post_attention_layernorm.weight"], eps)
         h = h + mlp(cfg, w, p + "mlp.", xn, arch, i)
     h = rmsnorm(h, w["model.norm.weight"], eps)
