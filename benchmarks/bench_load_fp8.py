@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--devices", type=int, default=0, help="devices to serve on (0: all)")
     parser.add_argument("--experts", type=int, default=0, help="routed experts (0: 256)")
     parser.add_argument("--load-only", action="store_true", help="write and load, no engine")
+    parser.add_argument("--workers", type=int, default=None, help="load threads (default: CPUs)")
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=12)
     args = parser.parse_args(argv)
@@ -327,10 +328,14 @@ def serve(directory: Path, total: int, args) -> dict:
     from models.hf_loader import load_hf
 
     start = time.perf_counter()
-    cfg, params = load_hf(directory, max_seq_len=64, progress=False)
+    cfg, params = load_hf(directory, max_seq_len=64, progress=False, workers=args.workers)
     seconds = time.perf_counter() - start
     rate = total / 1e9 / seconds
-    row(f"load_hf: {total / 1e9:.3f} GB (FP8 -> {cfg.dtype}) in {seconds:.1f} s, {rate:.2f} GB/s")
+    workers = args.workers or "all CPUs"
+    row(
+        f"load_hf: {total / 1e9:.3f} GB (FP8 -> {cfg.dtype}) in {seconds:.1f} s, {rate:.2f} GB/s "
+        f"({workers} workers)"
+    )
     if args.load_only:
         return {"load_gb_per_s": rate, "baseline": None, "unchanged": None}
     devices = jax.devices()[: args.devices or None]

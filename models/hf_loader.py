@@ -40,6 +40,7 @@ from safetensors import safe_open
 from models.config import ConfigError, ModelConfig
 from models.fp8_blocks import dequantize_fp8_blocks_into, scale_grid_shape
 from models.hf_config import config_from_hf, fp8_block_size
+from models.parallel_load import ParallelFill, copy_checked
 from models.params import Params, abstract_params
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -137,9 +138,20 @@ class SafetensorsFile:
             self._handle = safe_open(str(path), framework="numpy")
         except Exception as e:  # SafetensorError is not importable on every version
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
+        self._map = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else None
 
     def close(self) -> None:
         self._handle = None
+
+    def view(self, name: str, index: int | None = None) -> np.ndarray:
+        """Tensor `name` (or its slice [index]) as a read-only view of the file's memory map:
+        no copy, and safe to use from several threads (models/parallel_load.py)."""
+        info = self.tensors[name]
+        dtype = SAFETENSORS_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name}: unsupported dtype {info.dtype}")
+        array = self._map[info.start : info.end].view(dtype).reshape(info.shape)
+        return array if index is None else array[index]
 
     def read(self, name: str, index: int | None = None) -> np.ndarray:
         """Tensor `name`, or its slice `[index]` along the first axis."""
@@ -594,7 +606,7 @@ def _fill_fp8(
 ) -> None:
     """Dequantizes one FP8 weight into its place, 128 rows at a time (models/fp8_blocks.py)."""
     scale_file, scale_name = scale
-    scale_inv = scale_file.read(scale_name)
+    scale_inv = scale_file.view(scale_name)
     if not np.isfinite(scale_inv).all():
         raise CheckpointError(
             f"{scale_file.path}: tensor {scale_name} holds NaN or infinite values"
@@ -607,7 +619,7 @@ def _fill_fp8(
     else:
         raise CheckpointError(f"{file.path}: tensor {name}: FP8 in a fused expert tensor")
     try:
-        dequantize_fp8_blocks_into(dest, file.read_raw(name), scale_inv, block)
+        dequantize_fp8_blocks_into(dest, file.view(name), scale_inv, block)
     except FloatingPointError as e:
         raise CheckpointError(f"{file.path}: tensor {name}: {e}") from None
 
@@ -620,30 +632,42 @@ def _finite(file: SafetensorsFile, name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
+# Source kinds `_fill` reads through file views (thread-safe); the others (gpt-oss's) read with
+# the safetensors handle, which the load loop closes: they run in the loop's own thread.
+_VIEW_KINDS = ("whole", "expert", "fused_gate_up", "fused_down")
+
+
 def _fill(
     params: Params, file: SafetensorsFile, name: str, source: Source, catalog: Catalog
 ) -> None:
-    """Reads one planned tensor into its place in the preallocated params."""
-    if source.kind == "whole":
-        array = _finite(file, name, file.read(name))
-        _leaf(params, source.leaf)[...] = array.T if source.transpose else array
-    elif source.kind == "expert":
-        _leaf(params, source.leaf)[source.expert] = _finite(file, name, file.read(name)).T
-    elif source.kind == "fused_gate_up":
-        w_gate = _leaf(params, source.leaf + ("w_gate",))
-        w_up = _leaf(params, source.leaf + ("w_up",))
-        f = w_gate.shape[-1]
-        for e in range(source.shape[0]):
-            both = _finite(file, name, file.read(name, e))  # [2I, H]: gate rows, then up rows
-            w_gate[e], w_up[e] = both[:f].T, both[f:].T
-    elif source.kind == "fused_down":
-        w_down = _leaf(params, source.leaf + ("w_down",))
-        for e in range(source.shape[0]):
-            w_down[e] = _finite(file, name, file.read(name, e)).T
-    else:
+    """Reads one planned tensor into its place in the preallocated params (checked for NaN and
+    Inf band by band, models/parallel_load.py)."""
+    if source.kind not in _VIEW_KINDS:
         from models.hf_gpt_oss import fill_gpt_oss  # it imports this module
 
         fill_gpt_oss(params, file, name, source, catalog)
+        return
+    try:
+        if source.kind == "whole":
+            copy_checked(_leaf(params, source.leaf), file.view(name), source.transpose)
+        elif source.kind == "expert":
+            copy_checked(_leaf(params, source.leaf)[source.expert], file.view(name), True)
+        elif source.kind == "fused_gate_up":
+            w_gate = _leaf(params, source.leaf + ("w_gate",))
+            w_up = _leaf(params, source.leaf + ("w_up",))
+            f = w_gate.shape[-1]
+            for e in range(source.shape[0]):
+                both = file.view(name, e)  # [2I, H]: gate rows, then up rows
+                copy_checked(w_gate[e], both[:f], True)
+                copy_checked(w_up[e], both[f:], True)
+        else:  # fused_down
+            w_down = _leaf(params, source.leaf + ("w_down",))
+            for e in range(source.shape[0]):
+                copy_checked(w_down[e], file.view(name, e), True)
+    except FloatingPointError as e:
+        raise CheckpointError(
+            f"{file.path}: tensor {name} holds NaN or infinite values ({e})"
+        ) from None
 
 
 def load_hf(
@@ -652,11 +676,13 @@ def load_hf(
     dtype: str | None = None,
     max_seq_len: int | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> tuple[ModelConfig, Params]:
     """Loads a Hugging Face model directory (config.json + model.safetensors, or shards + index).
 
     dtype: parameter dtype (default: the config's); max_seq_len: KV cache length (default:
-    max_position_embeddings, capped). Returns the config and the logical params (host numpy,
+    max_position_embeddings, capped); workers: threads that fill tensors (default: one per CPU,
+    models/parallel_load.py). Returns the config and the logical params (host numpy,
     shapes of `abstract_params(cfg)`). Raises CheckpointError naming file and tensor.
     Every check that needs no tensor data (names, shapes, dtypes, sizes in config.json) runs
     before any parameter is allocated.
@@ -697,7 +723,7 @@ def load_hf(
             cfg.dtype,
         )
     opened: dict[Path, SafetensorsFile] = {}
-    with _bytes_progress(progress, total, label) as advance:
+    with _bytes_progress(progress, total, label) as advance, ParallelFill(workers, advance) as pool:
         for path, tensors in itertools.groupby(plan, key=lambda item: item[0]):
             file = SafetensorsFile(path)
             for _, name, source in tensors:
@@ -710,11 +736,13 @@ def load_hf(
                         scale_file = opened.get(scale_path) or SafetensorsFile(scale_path)
                         opened[scale_path] = scale_file
                     scale = (scale_file, name + SCALE_SUFFIX)
-                    _fill_fp8(params, file, name, source, scale, block)
-                    advance(scale_info.end - scale_info.start)
+                    nbytes = info.end - info.start + scale_info.end - scale_info.start
+                    pool.submit(nbytes, _fill_fp8, params, file, name, source, scale, block)
+                elif source.kind in _VIEW_KINDS:
+                    pool.submit(info.end - info.start, _fill, params, file, name, source, catalog)
                 else:
                     _fill(params, file, name, source, catalog)
-                advance(info.end - info.start)
+                    advance(info.end - info.start)
             file.close()
     for scale_file in opened.values():
         scale_file.close()
