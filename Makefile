@@ -50,7 +50,7 @@ proto: $(STAMP) ## regenerate the gRPC stubs from serve/proto/elastic_moe.proto
 	$(PY) -m serve.proto.generate
 
 notebooks: $(STAMP) ## execute the notebooks (tests/test_notebooks.py)
-	$(PY) -m pytest -q tests/test_notebooks.py
+	$(PY) -m pytest -q -m '' tests/test_notebooks.py
 
 bench: $(STAMP) ## every benchmark (elastic-moe bench), on the accelerators JAX finds
 	$(VENV)/bin/elastic-moe bench

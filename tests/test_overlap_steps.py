@@ -56,6 +56,7 @@ def common_tokens(model, devices):
     return tuple(int(t) for t in np.argsort(counts)[-3:])
 
 
+@pytest.mark.slow  # overlap_steps is off by default (no GPU gain measured)
 def test_same_outputs_with_stop_tokens_and_lengths(model, devices):
     stop = common_tokens(model, devices)
     sync = run(model, devices, overlap=False, stop_ids=stop)

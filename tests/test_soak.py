@@ -68,6 +68,7 @@ def check(server: SoakServer, result: SoakResult, cycles: int) -> None:
     assert status.active_requests == 0 and status.queued_requests == 0
 
 
+@pytest.mark.slow  # 35 s; tests/test_chaos.py::test_chaos_short covers a server under failures
 def test_soak_short(soak_server):
     server = soak_server
     device = server.devices[0].id

@@ -63,7 +63,8 @@ def drive(engine, stepper, script=None):
     return seen
 
 
-@pytest.mark.parametrize("point", ["prefill", "decode"])
+# The decode case in the default suite; the prefill case (the same recovery) with -m slow.
+@pytest.mark.parametrize("point", [pytest.param("prefill", marks=pytest.mark.slow), "decode"])
 def test_a_device_dying_mid_step_loses_no_token(model, devices, baseline, point):
     cfg, params = model
     engine = Engine(cfg, params, devices, OPTIONS)
