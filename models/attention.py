@@ -108,7 +108,7 @@ class GroupedQueryAttention(nnx.Module):
         self.q_proj = Dense(d, h * hd, **kw)
         self.k_proj = Dense(d, hkv * hd, **kw)
         self.v_proj = Dense(d, hkv * hd, **kw)
-        self.o_proj = Dense(h * hd, d, rngs=rngs, dtype=cfg.dtype)
+        self.o_proj = Dense(h * hd, d, rngs=rngs, dtype=cfg.dtype, bias=cfg.o_proj_bias)
         if cfg.qk_norm == "per_head":
             self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=cfg.dtype)
             self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=cfg.dtype)
@@ -137,9 +137,17 @@ class GroupedQueryAttention(nnx.Module):
         cos, sin = rope_tables(positions, cfg.rope_dim, cfg)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         cache = write_layer_cache(cache, k, v, rows, positions)
-        seen = _read(cache, rows)
-        out = attend(q, seen.k, seen.v, positions, cfg.head_dim**-0.5, numerics)
+        out = self._attend(q, _read(cache, rows), positions, numerics)
         return self.o_proj(out.reshape(b, c, -1)), cache
+
+    def _attend(
+        self,
+        q: Float[Array, "b c hq dk"],
+        seen: LayerCache,
+        positions: Int[Array, "b c"],
+        numerics: str,
+    ) -> Float[Array, "b c hq dv"]:
+        return attend(q, seen.k, seen.v, positions, self.cfg.head_dim**-0.5, numerics)
 
 
 class MultiHeadLatentAttention(nnx.Module):

@@ -14,51 +14,36 @@ import jax
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from models.attention import _read, attend
+from models.attention import GroupedQueryAttention, attend
 from models.config import ModelConfig
-from models.kv_cache import LayerCache, write_layer_cache
-from models.layers import Dense, dtype_of
-from models.rope import apply_rope, rope_tables
+from models.kv_cache import LayerCache
+from models.layers import dtype_of
 
 
-class SinkAttention(nnx.Module):
+class SinkAttention(GroupedQueryAttention):
+    """Grouped-query attention (its projections, biases and rope) whose softmax has a sink per
+    query head, and keys masked to the last `window` positions on the window layers."""
+
     def __init__(self, cfg: ModelConfig, window: int | None, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+        super().__init__(cfg, rngs=rngs)
         self.window = window
-        d, h, hkv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = dict(rngs=rngs, dtype=cfg.dtype, bias=cfg.attention_bias)
-        self.q_proj = Dense(d, h * hd, **kw)
-        self.k_proj = Dense(d, hkv * hd, **kw)
-        self.v_proj = Dense(d, hkv * hd, **kw)
-        self.o_proj = Dense(h * hd, d, rngs=rngs, dtype=cfg.dtype, bias=cfg.o_proj_bias)
-        sinks = jax.random.normal(rngs.params(), (h,), dtype_of(cfg.dtype))
+        sinks = jax.random.normal(rngs.params(), (cfg.num_heads,), dtype_of(cfg.dtype))
         self.sinks = nnx.Param(sinks, logical_axes=(None,))
 
-    def __call__(
+    def _attend(
         self,
-        x: Float[Array, "b c d"],
+        q: Float[Array, "b c hq dk"],
+        seen: LayerCache,
         positions: Int[Array, "b c"],
-        cache: LayerCache,
-        rows: Int[Array, " b"] | None,
-        numerics: str = "invariant",
-    ) -> tuple[Float[Array, "b c d"], LayerCache]:
-        cfg = self.cfg
-        b, c, _ = x.shape
-        q = self.q_proj(x).reshape(b, c, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, c, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, c, cfg.num_kv_heads, cfg.head_dim)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache = write_layer_cache(cache, k, v, rows, positions)
-        seen = _read(cache, rows)
-        out = attend(
+        numerics: str,
+    ) -> Float[Array, "b c hq dv"]:
+        return attend(
             q,
             seen.k,
             seen.v,
             positions,
-            cfg.head_dim**-0.5,
+            self.cfg.head_dim**-0.5,
             numerics,
             window=self.window,
             sinks=self.sinks[...],
         )
-        return self.o_proj(out.reshape(b, c, -1)), cache

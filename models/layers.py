@@ -13,7 +13,6 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from models.fixed_order import fixed_order_sum
-from models.rope import apply_rope, rope_tables  # noqa: F401  (moved there; kept importable)
 from models.row_invariant import matmul
 
 

@@ -4,6 +4,7 @@ Both must happen before jax or the project's modules are imported.
 """
 
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -17,6 +18,22 @@ install_import_hook(["models", "mesh", "elastic_moe"], "beartype.beartype")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def loaded():
+    """loaded(arch) -> (cfg, params) of tests/fixtures/hf/<arch>, each loaded once per run."""
+    from models.hf_loader import load_hf
+
+    fixtures = Path(__file__).parent / "fixtures" / "hf"
+    cache = {}
+
+    def load(arch: str):
+        if arch not in cache:
+            cache[arch] = load_hf(fixtures / arch, progress=False)
+        return cache[arch]
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from test_hf_models import FIXTURES, all_logits, expected, hf_config
+from test_hf_models import FIXTURES, assert_matches_transformers, expected, hf_config
 
 from elastic_moe import Engine, EngineOptions, Request
 from elastic_moe.checkpoint import restore_checkpoint, restore_experts, save_checkpoint
@@ -47,20 +47,7 @@ def gpt_oss():
 @pytest.mark.parametrize("arch", ["gpt_oss", "gpt_oss_mxfp4", "gpt_oss_yarn"])
 def test_logits_and_greedy_match_transformers(arch, gpt_oss):
     cfg, params = gpt_oss if arch == "gpt_oss" else load_hf(FIXTURES / arch, progress=False)
-    want = expected(arch)
-    prompt, greedy = want["prompt"], want["greedy"]
-    logits = all_logits(cfg, params, prompt + greedy)
-    np.testing.assert_allclose(
-        logits[: len(prompt)],
-        np.load(FIXTURES / arch / "expected_logits.npy"),
-        atol=1e-4,
-        rtol=1e-4,
-    )
-    steps = logits[len(prompt) - 1 : len(prompt) + len(greedy) - 1]
-    np.testing.assert_allclose(
-        steps, np.load(FIXTURES / arch / "expected_greedy_logits.npy"), atol=1e-4, rtol=1e-4
-    )
-    assert steps.argmax(-1).tolist() == greedy
+    assert_matches_transformers(arch, cfg, params)
 
 
 @pytest.mark.slow  # three compiles (~20 s on 2 busy cores)

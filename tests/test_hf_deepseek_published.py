@@ -15,7 +15,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from test_hf_models import FIXTURES, all_logits, expected
+from test_hf_models import FIXTURES, assert_matches_transformers, expected
 
 from benchmarks.bench_load_fp8 import TINY, V3_CONFIG, save_tensors, write_checkpoint
 from benchmarks.bench_load_fp8 import main as bench_main
@@ -33,39 +33,14 @@ ROPE_REFERENCE = json.loads((FIXTURES / "rope_reference.json").read_text())
 FP8_WEIGHT = "model.layers.0.mlp.gate_proj.weight"  # [200, 136]: 2 x 2 blocks, ragged both ways
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    cache = {}
-
-    def load(arch: str):
-        if arch not in cache:
-            cache[arch] = load_hf(FIXTURES / arch, progress=False)
-        return cache[arch]
-
-    return load
-
-
 # ---- against transformers -------------------------------------------------------------------
 @pytest.mark.parametrize("arch", PUBLISHED)
 def test_logits_and_greedy_match_transformers(arch, loaded):
     cfg, params = loaded(arch)
-    want = expected(arch)
     assert cfg.rope_scaling == "yarn"
     # The fixture exercises the scaling: plain rope moves transformers' logits this much.
-    assert want["unscaled_logits_max_diff"] > 1.0
-    prompt, greedy = want["prompt"], want["greedy"]
-    logits = all_logits(cfg, params, prompt + greedy)
-    np.testing.assert_allclose(
-        logits[: len(prompt)],
-        np.load(FIXTURES / arch / "expected_logits.npy"),
-        atol=1e-4,
-        rtol=1e-4,
-    )
-    steps = logits[len(prompt) - 1 : len(prompt) + len(greedy) - 1]
-    np.testing.assert_allclose(
-        steps, np.load(FIXTURES / arch / "expected_greedy_logits.npy"), atol=1e-4, rtol=1e-4
-    )
-    assert steps.argmax(-1).tolist() == greedy
+    assert expected(arch)["unscaled_logits_max_diff"] > 1.0
+    assert_matches_transformers(arch, cfg, params)
 
 
 @pytest.mark.parametrize("arch", PUBLISHED)

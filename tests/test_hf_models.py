@@ -32,18 +32,6 @@ def expected(arch: str) -> dict:
     return json.loads((FIXTURES / arch / "expected.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    cache = {}
-
-    def load(arch: str):
-        if arch not in cache:
-            cache[arch] = load_hf(FIXTURES / arch, progress=False)
-        return cache[arch]
-
-    return load
-
-
 def all_logits(cfg, params, tokens: list[int]) -> np.ndarray:
     """Logits [len(tokens), vocab] of one causal pass; tokens padded to GREEDY_PAD (padding after
     the last real token cannot change earlier positions)."""
@@ -53,9 +41,9 @@ def all_logits(cfg, params, tokens: list[int]) -> np.ndarray:
     return np.asarray(forward_logits(cfg, device_params, jnp.asarray(padded)))[0, : len(tokens)]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_logits_and_greedy_match_transformers(arch, loaded):
-    cfg, params = loaded(arch)
+def assert_matches_transformers(arch: str, cfg, params) -> np.ndarray:
+    """The prompt's logits and every greedy step's within 1e-4 of transformers' (float32), and
+    the greedy tokens equal; returns the logits of prompt + greedy."""
     want = expected(arch)
     prompt, greedy = want["prompt"], want["greedy"]
     logits = all_logits(cfg, params, prompt + greedy)
@@ -72,6 +60,12 @@ def test_logits_and_greedy_match_transformers(arch, loaded):
         steps, np.load(FIXTURES / arch / "expected_greedy_logits.npy"), rtol=1e-4, atol=1e-4
     )
     assert steps.argmax(-1).tolist() == greedy
+    return logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_and_greedy_match_transformers(arch, loaded):
+    assert_matches_transformers(arch, *loaded(arch))
 
 
 # qwen3_moe_sharded: qwen3_moe's weights; glm4_moe_air: glm4_moe's code with options off.

@@ -8,44 +8,15 @@ same parameters, through a real decode that reads every earlier token back from 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_hf_models import assert_matches_transformers, expected
 
-from models.hf_loader import load_hf
 from models.kv_cache import cache_shapes, kv_bytes_per_token
 from models.presets import get_preset
-from models.reference import forward_logits
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 ARCHS = ["deepseek_v2", "deepseek_v3"]
-PAD = 32  # prompt + greedy, padded: one compile per architecture and form
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    cache = {}
-
-    def load(arch: str):
-        if arch not in cache:
-            cache[arch] = load_hf(FIXTURES / arch, progress=False)
-        return cache[arch]
-
-    return load
-
-
-def expected(arch: str) -> dict:
-    return json.loads((FIXTURES / arch / "expected.json").read_text())
-
-
-def logits_of(cfg, params, tokens: list[int]) -> np.ndarray:
-    padded = np.zeros((1, PAD), np.int32)
-    padded[0, : len(tokens)] = tokens
-    return np.asarray(forward_logits(cfg, params, jnp.asarray(padded)))[0, : len(tokens)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -70,20 +41,10 @@ def test_deepseek_v3_latent_cache_is_71_times_smaller():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_both_forms_match_transformers_and_each_other(arch, loaded):
     cfg, params = loaded(arch)
-    params = jax.tree.map(jnp.asarray, params)
-    want = expected(arch)
-    prompt, greedy = want["prompt"], want["greedy"]
-    tokens = prompt + greedy
-    hf_prompt = np.load(FIXTURES / arch / "expected_logits.npy")
-    hf_steps = np.load(FIXTURES / arch / "expected_greedy_logits.npy")
-    forms = {}
-    for form in ("latent", "per_head"):
-        logits = logits_of(cfg.replace(mla_cache=form), params, tokens)
-        steps = logits[len(prompt) - 1 : len(tokens) - 1]
-        np.testing.assert_allclose(logits[: len(prompt)], hf_prompt, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(steps, hf_steps, rtol=1e-4, atol=1e-4)
-        assert steps.argmax(-1).tolist() == greedy
-        forms[form] = logits
+    forms = {
+        form: assert_matches_transformers(arch, cfg.replace(mla_cache=form), params)
+        for form in ("latent", "per_head")
+    }
     np.testing.assert_allclose(forms["latent"], forms["per_head"], rtol=1e-5, atol=1e-5)
     assert not np.array_equal(forms["latent"], forms["per_head"])  # two computations, not one
 

@@ -45,9 +45,9 @@ from flax import nnx  # noqa: E402
 from elastic_moe.checkpoint import save_checkpoint  # noqa: E402
 from models.attention import attend  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from models.layers import apply_rope, rope_tables  # noqa: E402
 from models.params import Params, init_params, model_graph  # noqa: E402
 from models.reference import forward_logits  # noqa: E402
+from models.rope import apply_rope, rope_tables  # noqa: E402
 from models.router import route  # noqa: E402
 from models.tokenizer import ByteTokenizer  # noqa: E402
 
