@@ -11,8 +11,10 @@ Rules of `repair_in_steps(current, target, ...)` (same mesh, same slots):
   * a move writes target[layer, q] into slot q; every move is a slot that differs, so the
     steps together make exactly the moves of `plan_transfers(current, target)`, no detours;
   * every step's placement passes `Placement.validate`: every expert keeps a replica, never
-    two on one device, never more than max_replicas. So each copy has a live source on a
-    device: no step needs the host;
+    two on one device, never more than max_replicas;
+  * each copy reads a slot that holds its expert at the step's start and that the step does
+    not overwrite, so no step needs the host or an order among its copies (two lone experts
+    swapping slots take two steps, via a second replica, unless they form a cycle below);
   * moves are taken most useful first, scored against the placement at the step's start:
     one point for giving a lone expert (one replica, the target wants more) its second
     replica, plus the cut in its layer's max device load, in units of the mean device load
@@ -111,15 +113,22 @@ def repair_in_steps(
         hold = np.zeros((state.shape[0], experts, n), dtype=bool)
         lay = np.repeat(np.arange(state.shape[0]), n * s)
         hold[lay, state.ravel(), np.tile(np.arange(n * s) // s, state.shape[0])] = True
+        # Copies read the step's start state: each needs a source slot the step keeps.
+        sources = counts.copy()  # [layers, experts] start replicas not overwritten yet
+        brought = np.zeros_like(hold[:, :, 0])  # [layers, experts] a chosen move reads it
         chosen = []
         for m in order:  # most useful first, each checked against the moves before it
             if len(chosen) == max_copies:
                 break
             lm, q = layer[m], slot[m]
             a, b, d = state[lm, q], goal[lm, q], q // s
-            if counts[lm, a] >= 2 and not hold[lm, b, d] and counts[lm, b] < width:
+            valid = counts[lm, a] >= 2 and not hold[lm, b, d] and counts[lm, b] < width
+            readable = sources[lm, b] >= 1 and (sources[lm, a] >= 2 or not brought[lm, a])
+            if valid and readable:
                 counts[lm, a] -= 1
                 counts[lm, b] += 1
+                sources[lm, a] -= 1
+                brought[lm, b] = True
                 hold[lm, a, d], hold[lm, b, d] = False, True
                 chosen.append(m)
         if not chosen:  # every move needs another: take the best one with what it needs
