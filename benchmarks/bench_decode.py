@@ -41,6 +41,24 @@ def parse() -> argparse.Namespace:
         help="KV cache form of multi-head latent attention (default: the config's, latent)",
     )
     p.add_argument(
+        "--numerics",
+        default="invariant",
+        help="comma list of numerics modes: the R=0 variant runs in each, side by side "
+        "(the other variants in the first)",
+    )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        help="comma list of ELASTIC_MOE_ATTENTION values (auto: the GPU kernel; xla): the R=0 "
+        "variant runs with each, side by side",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternating rounds of --steps timed steps for the R=0 numerics modes",
+    )
+    p.add_argument(
         "--overlap-steps",
         action="store_true",
         help="also R=0 with overlap_steps (each step launched before the last is read back)",
@@ -84,15 +102,23 @@ def main() -> int:
     if cfg.attention == "mla":
         print(f"# MLA cache: {cfg.mla_cache}", flush=True)
 
-    def run_variant(name, redundant, routing, lose_one=False, overlap=False):
+    modes = args.numerics.split(",")
+    attentions = args.attention.split(",")
+    os.environ["ELASTIC_MOE_ATTENTION"] = attentions[0]
+
+    def new_engine(redundant, routing, overlap=False, numerics=modes[0]):
         options = EngineOptions(
             request_slots_per_device=args.batch_per_device,
             redundant_experts=redundant,
             replica_routing=routing,
             overlap_steps=overlap,
+            numerics=numerics,
         )
-        engine = Engine(cfg, params, devices, options)
-        rows = [measure(engine, f"{name}")]
+        return Engine(cfg, params, devices, options)
+
+    def run_variant(name, redundant, routing, lose_one=False, overlap=False):
+        engine = new_engine(redundant, routing, overlap)
+        rows = [measure(engine, name)]
         if lose_one:
             coordinator = Coordinator(engine, standby=False)
             coordinator.fail([devices[-1].id])
@@ -100,10 +126,34 @@ def main() -> int:
         del engine
         return rows
 
+    def run_modes():
+        """R=0 in every numerics mode and attention implementation, their device steps timed
+        in alternating rounds (so a drift of the machine falls on all of them alike)."""
+        configs = [(mode, attention) for attention in attentions for mode in modes]
+        engines, timers = [], []
+        for mode, attention in configs:
+            os.environ["ELASTIC_MOE_ATTENTION"] = attention  # read while programs are traced
+            engines.append(new_engine(0, "primary", numerics=mode))
+            timers.append(prepare(engines[-1]))
+        os.environ["ELASTIC_MOE_ATTENTION"] = attentions[0]
+        times = [[] for _ in configs]
+        for _ in range(args.rounds):
+            for timer, collected in zip(timers, times, strict=True):
+                collected.append(timer())
+        rows = []
+        for i, (engine, collected) in enumerate(zip(engines, times, strict=True)):
+            mode, attention = configs[i]
+            name = "R=0" if i == 0 else f"R=0, {mode}, attention {attention}"
+            rows.append(measure(engine, name, device_ms=float(np.median(collected))))
+        del engines, timers
+        return rows
+
     profiled: list[str] = []
     traced_once: list[str] = []
 
-    def measure(engine, name):
+    def prepare(engine):
+        """Submit and prefill a full batch; returns a timer of decode steps alone (median ms
+        of --steps steps, each waited for)."""
         rng = np.random.default_rng(0)
         b = engine.mesh.geometry.num_request_slots
         max_tokens = args.steps * 3 + 8
@@ -116,15 +166,26 @@ def main() -> int:
         tokens = np.zeros((b,), np.int32)
         positions = np.full((b,), args.context, np.int32)
         sampling = engine._sampling([None] * b)
-        out = mesh.decode(tokens, positions, sampling)
-        jax.block_until_ready(out.tokens)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            out = mesh.decode(tokens, positions, sampling)
-            jax.block_until_ready(out.tokens)
-            times.append(time.perf_counter() - start)
-        device_ms = 1000 * float(np.median(times))
+        jax.block_until_ready(mesh.decode(tokens, positions, sampling).tokens)
+
+        def timer() -> float:
+            times = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                jax.block_until_ready(mesh.decode(tokens, positions, sampling).tokens)
+                times.append(time.perf_counter() - start)
+            return 1000 * float(np.median(times))
+
+        return timer
+
+    def measure(engine, name, device_ms=None):
+        if device_ms is None:
+            device_ms = prepare(engine)()
+        mesh = engine.mesh
+        b = mesh.geometry.num_request_slots
+        tokens = np.zeros((b,), np.int32)
+        positions = np.full((b,), args.context, np.int32)
+        sampling = engine._sampling([None] * b)
         if args.profile_device and not traced_once:
             from device_profile import print_summary, traced
 
@@ -171,7 +232,7 @@ def main() -> int:
             roofline_pct=100 * floor_ms / device_ms,
         )
 
-    results = run_variant("R=0", 0, "primary")
+    results = run_modes()
     if args.overlap_steps:
         results += run_variant("R=0, overlap_steps", 0, "primary", overlap=True)
     if args.variants == "all":
@@ -179,8 +240,15 @@ def main() -> int:
         results += run_variant(f"R={e} primary", e, "primary", lose_one=True)
         results += run_variant(f"R={e} spread", e, "spread")
     print_table(results)
+    for row in results[1 : len(modes) * len(attentions)]:
+        gain = 100 * (results[0]["tokens_per_s"] / row["tokens_per_s"] - 1)
+        print(
+            f"{results[0]['variant']} ({modes[0]}, attention {attentions[0]}): {gain:+.1f}% "
+            f"decode tokens/s against {row['variant']}"
+        )
     if args.variants == "all":
-        base, red, lost = results[0], results[1], results[2]
+        first = len(modes) * len(attentions) + int(args.overlap_steps)  # R=0 rows before
+        base, red, lost = results[0], *results[first : first + 2]
         n = red["devices"]
         print(
             f"static cost of redundancy (R={cfg.num_experts}, primary routing): "

@@ -116,8 +116,9 @@ def _bucket(stats: dict[str, str], scopes: dict[tuple[str, str], str]) -> str:
 
 def summarize(
     directory: str, scopes: dict[tuple[str, str], str]
-) -> tuple[dict[str, float], dict[str, float], int]:
-    """(ms per scope, ms per kernel name, number of device planes) summed over the trace."""
+) -> tuple[dict[str, float], dict[str, float], int, dict[str, int]]:
+    """(ms per scope, ms per kernel name, number of device planes, kernels per scope) summed
+    over the trace."""
     from jax.profiler import ProfileData
 
     paths = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
@@ -125,6 +126,7 @@ def summarize(
         raise FileNotFoundError(f"no .xplane.pb under {directory}")
     by_scope: dict[str, float] = defaultdict(float)
     by_kernel: dict[str, float] = defaultdict(float)
+    launches: dict[str, int] = defaultdict(int)
     planes = 0
     data = ProfileData.from_file(paths[-1])
     devices = [p for p in data.planes if p.name.startswith("/device:")]
@@ -140,14 +142,16 @@ def summarize(
                 if "hlo_op" not in stats:
                     continue
                 ms = event.duration_ns / 1e6
-                by_scope[_bucket(stats, scopes)] += ms
+                bucket = _bucket(stats, scopes)
+                by_scope[bucket] += ms
+                launches[bucket] += 1
                 by_kernel[f"{event.name[:48]} [{stats.get('hlo_op', '?')[:24]}]"] += ms
-    return dict(by_scope), dict(by_kernel), planes
+    return dict(by_scope), dict(by_kernel), planes, dict(launches)
 
 
 def print_summary(trace_dir: str, dump_dir: str, steps: int, top: int = 15) -> None:
     scopes = scopes_from_hlo_dump(dump_dir)
-    by_scope, by_kernel, planes = summarize(trace_dir, scopes)
+    by_scope, by_kernel, planes, launches = summarize(trace_dir, scopes)
     per = max(1, steps * max(1, planes))
     total = sum(by_scope.values()) / per
     modules = len(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")))
@@ -156,8 +160,12 @@ def print_summary(trace_dir: str, dump_dir: str, steps: int, top: int = 15) -> N
         f"{modules} optimized modules dumped, {len(scopes) // 2} scoped ops):"
     )
     for scope, ms in sorted(by_scope.items(), key=lambda kv: -kv[1]):
-        print(f"  {scope:20s} {ms / per:8.3f} ms  {100 * ms / per / max(total, 1e-9):5.1f}%")
-    print(f"  {'total (kernels)':20s} {total:8.3f} ms")
+        share = 100 * ms / per / max(total, 1e-9)
+        print(
+            f"  {scope:20s} {ms / per:8.3f} ms  {share:5.1f}%  {launches[scope] / per:6.1f} kernels"
+        )
+    kernels = sum(launches.values()) / per
+    print(f"  {'total (kernels)':20s} {total:8.3f} ms         {kernels:6.1f} kernels")
     print(f"# top {top} kernels per step and device:")
     for name, ms in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {ms / per:8.3f} ms  {name}")

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from models import attention_kernel
 from models.config import ModelConfig
 from models.fixed_order import fixed_order_softmax, fixed_order_softmax_with_sink
 from models.kv_cache import LayerCache, write_layer_cache
-from models.layers import Dense, RMSNorm
+from models.layers import Dense, RMSNorm, project
 from models.rope import apply_partial_rope, apply_rope, mla_softmax_scale, rope_tables
 
 # DeepSeek builds q_a_layernorm / kv_a_layernorm as `DeepseekV2RMSNorm(rank)`: eps is the class
@@ -36,11 +37,28 @@ def attend(
 ) -> Float[Array, "b c hq dv"]:
     """Causal attention of queries at `q_positions` over cached keys at positions 0..t-1.
 
-    The context is always the whole cache (t = max_seq_len), so its split never depends on the
-    batch; with "invariant" numerics the softmax's sum is in a fixed order as well.
+    On the GPU this is one kernel over each query's live context (models.attention_kernel).
+    Elsewhere the context is the whole cache (t = max_seq_len), so its split never depends on
+    the batch; with "invariant" numerics the softmax's sum is in a fixed order as well.
     gpt-oss: `window` keeps only the query's own key and the window - 1 before it (the cache
     still holds every position: the window is a mask); `sinks` (one logit per query head)
     join each softmax's denominator, in float32, and take no value."""
+    if sinks is None and window is None and attention_kernel.use_kernel(q, keys, values):
+        return attention_kernel.live_context_attention(q, keys, values, q_positions, scale)
+    return attend_whole_window(q, keys, values, q_positions, scale, numerics, window, sinks)
+
+
+def attend_whole_window(
+    q: Float[Array, "b c hq dk"],
+    keys: Float[Array, "b hkv t dk"],
+    values: Float[Array, "b hkv t dv"],
+    q_positions: Int[Array, "b c"],
+    scale: float,
+    numerics: str = "invariant",
+    window: int | None = None,
+    sinks: Float[Array, " hq"] | None = None,
+) -> Float[Array, "b c hq dv"]:
+    """`attend` in XLA ops over the whole cache (masked): CPU, gpt-oss's sinks and windows."""
     b, c, hq, dk = q.shape
     hkv = keys.shape[1]
     q = q.reshape(b, c, hkv, hq // hkv, dk)
@@ -126,7 +144,7 @@ class GroupedQueryAttention(nnx.Module):
     ) -> tuple[Float[Array, "b c d"], LayerCache]:
         cfg = self.cfg
         b, c, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q, numerics), self.k_norm(k, numerics)
         q = q.reshape(b, c, cfg.num_heads, cfg.head_dim)
@@ -191,12 +209,12 @@ class MultiHeadLatentAttention(nnx.Module):
         b, c, _ = x.shape
         h, nope, rope = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         if cfg.q_lora_rank:
-            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x), numerics))
+            q_a, latent = project(x, self.q_a_proj, self.kv_a_proj)
+            q = self.q_b_proj(self.q_a_norm(q_a, numerics))
         else:
-            q = self.q_proj(x)
+            q, latent = project(x, self.q_proj, self.kv_a_proj)
         q = q.reshape(b, c, h, nope + rope)
         q_nope, q_rope = q[..., :nope], q[..., nope:]
-        latent = self.kv_a_proj(x)
         c_kv = self.kv_a_norm(latent[..., : cfg.kv_lora_rank], numerics)
         k_rope = latent[..., cfg.kv_lora_rank :].reshape(b, c, 1, rope)
         cos, sin = rope_tables(positions, rope, cfg)

@@ -100,7 +100,7 @@ def _kernel(
         )
 
 
-def _like(x: jax.Array, shape: tuple[int, ...], dtype=None) -> jax.ShapeDtypeStruct:
+def varying_like(x: jax.Array, shape: tuple[int, ...], dtype=None) -> jax.ShapeDtypeStruct:
     """An output shape that varies over the same mesh axes as x (inside shard_map, Pallas
     needs to be told)."""
     dtype = x.dtype if dtype is None else dtype
@@ -163,7 +163,7 @@ def grouped_matmul_kernel(
         functools.partial(
             _kernel, k=k, block_m=block_m, block_n=block_n, block_k=block_k, precision=precision
         ),
-        out_shape=_like(x, (m + pad, n), out_dtype),
+        out_shape=varying_like(x, (m + pad, n), out_dtype),
         grid=(schedule.tiles_max, n // block_n),
         interpret=interpret,
         compiler_params=compiler_params,

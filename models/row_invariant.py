@@ -6,9 +6,10 @@ of a bf16 [m, 2048] x [2048, 4096] product changes bits between m = 1 and m = 16
 a float32 router product. So a token decoded in a step of 32 rows and the same token
 re-prefilled in a step of 512 rows came out different. Inside `row_invariant_matmuls()` (the
 model enters it for numerics="invariant"), `Dense` projections on the GPU run the project's
-grouped-matmul kernel with a single group: one fixed tiling for every row count (no split-K),
-so a row's bits depend only on the row and the weights. Elsewhere (CPU, where XLA's dots were
-measured row-invariant, or shapes the kernel does not tile) it is a plain `x @ w`.
+split-K Pallas kernel: one fixed tiling for every row count (K cut into splits set by K
+alone, added in a fixed order), so a row's bits depend only on the row and the weights.
+Elsewhere (CPU, where XLA's dots were measured row-invariant, or shapes the kernel does not
+tile) it is a plain `x @ w`.
 """
 
 from __future__ import annotations
@@ -17,20 +18,33 @@ import contextlib
 import contextvars
 import functools
 import inspect
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from models.grouped_matmul import BLOCK_K, grouped_matmul_kernel, implementation, supported
+from models.grouped_matmul import (
+    BLOCK_K,
+    BLOCK_M,
+    NUM_STAGES,
+    NUM_WARPS,
+    implementation,
+    supported,
+    varying_like,
+)
 
 # Set while a program is traced: a trace-time choice, like the numerics argument it mirrors.
 _ENABLED = contextvars.ContextVar("row_invariant_matmuls", default=False)
 # One tiling per weight shape, never per row count. A decode step has a few dozen rows per
 # device, so a [k, n] weight gives only n / 64 column programs: too few to stream the weight at
 # full bandwidth. K is therefore cut into a fixed number of splits (set by k alone), each split
-# a group of the grouped kernel with a float32 output, and the partial products are added in
-# split order: more programs, and still the same bits for a row whatever the row count.
+# its own programs with a float32 output, and the partial products are added in split order:
+# more programs, and still the same bits for a row whatever the row count. (This used to be the
+# grouped kernel with one group per split: its tile schedule, row transpose and masking cost
+# about five more kernel launches per projection, in a step the GPU spends waiting on launches.)
 DENSE_BLOCK_N = 64
 SPLIT_K_WIDTH = 512  # K values per split; k // 512 splits (at least 1)
 MAX_SPLITS = 8
@@ -59,8 +73,8 @@ def row_invariant_when_asked(call):
     return wrapped
 
 
-def _splits(k: int) -> int:
-    splits = max(1, min(MAX_SPLITS, k // SPLIT_K_WIDTH))
+def _splits(k: int, split_width: int = SPLIT_K_WIDTH, max_splits: int = MAX_SPLITS) -> int:
+    splits = max(1, min(max_splits, k // split_width))
     while k % splits or (k // splits) % BLOCK_K:
         splits -= 1
     return splits
@@ -68,41 +82,114 @@ def _splits(k: int) -> int:
 
 def matmul(x: Float[Array, "... k"], w: Float[Array, "k n"]) -> Float[Array, "... n"]:
     """x @ w; inside `row_invariant_matmuls()` on the GPU, with a row-count-independent tiling."""
-    k, n = w.shape
-    use_kernel = (
+    return matmuls(x, [w])[0]
+
+
+def matmuls(x: Float[Array, "... k"], weights: Sequence[Array]) -> list[Array]:
+    """[x @ w for w in weights]; inside `row_invariant_matmuls()` on the GPU, one kernel call
+    for all of them (q, k and v of one input: one launch instead of three)."""
+    if not _use_kernel(x, weights):
+        return [x @ w for w in weights]
+    outs = split_k_matmuls(x.reshape(-1, x.shape[-1]), weights)
+    return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
+
+
+def _use_kernel(x: Array, weights: Sequence[Array]) -> bool:
+    k = x.shape[-1]
+    return (
         _ENABLED.get()
         and jax.default_backend() == "gpu"
         and implementation() == "auto"
-        and x.dtype == w.dtype
-        and supported((1, k), (1, k, n), DENSE_BLOCK_N)
+        and all(w.dtype == x.dtype and w.shape[0] == k for w in weights)
+        and all(supported((1, k), (1, *w.shape), DENSE_BLOCK_N) for w in weights)
     )
-    if not use_kernel:
-        return x @ w
-    return split_k_matmul(x.reshape(-1, k), w).reshape(*x.shape[:-1], n)
 
 
 def split_k_matmul(
-    rows: Float[Array, "m k"], w: Float[Array, "k n"], *, interpret: bool = False
+    rows: Float[Array, "m k"], w: Float[Array, "k n"], **tiling
 ) -> Float[Array, "m n"]:
-    """rows @ w with the fixed tiling and K splits above (exposed for tests: interpret=True)."""
-    (m, k), n = rows.shape, w.shape[1]
-    splits = _splits(k)
-    width = k // splits
-    # Split s of every row is row s * m + r of one grouped call, against weight group s.
-    stacked = rows.reshape(m, splits, width).transpose(1, 0, 2).reshape(splits * m, width)
-    partial = grouped_matmul_kernel(
-        stacked,
-        w.reshape(splits, width, n),
-        jnp.full((splits,), m, jnp.int32),
+    """rows @ w through `split_k_matmuls` (tiling: its keyword arguments)."""
+    return split_k_matmuls(rows, [w], **tiling)[0]
+
+
+def split_k_matmuls(
+    rows: Float[Array, "m k"],
+    weights: Sequence[Array],
+    *,
+    interpret: bool = False,
+    block_n: int = DENSE_BLOCK_N,
+    split_width: int = SPLIT_K_WIDTH,
+    max_splits: int = MAX_SPLITS,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
+) -> list[Array]:
+    """[rows @ w for w in weights] ([m, k] x [k, n_i], one dtype) with the fixed tiling and K
+    splits above, in one Pallas call: one program per (row tile, column block of the weights
+    side by side, K split) writes its float32 partial; the partials are added in split order.
+    The tiling arguments are for tuning and tests; serving uses the defaults."""
+    m, k = rows.shape
+    dtype = weights[0].dtype
+    splits = _splits(k, split_width, max_splits)
+    padded = pl.cdiv(m, BLOCK_M) * BLOCK_M  # whole row tiles: no masks, the same code per tile
+    x = jnp.pad(rows, ((0, padded - m), (0, 0))) if padded != m else rows
+    widths = [int(w.shape[1]) for w in weights]
+    first_block = np.cumsum([0, *widths]) // block_n  # [weights + 1] column block of each
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plt
+
+        compiler_params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    kernel = functools.partial(
+        _split_k_kernel,
+        width=k // splits,
+        block_n=block_n,
+        first_block=tuple(int(b) for b in first_block),
+        precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
+    )
+    partial = pl.pallas_call(
+        kernel,
+        out_shape=varying_like(x, (splits, padded, sum(widths)), jnp.float32),
+        grid=(padded // BLOCK_M, int(first_block[-1]), splits),
         interpret=interpret,
-        block_n=DENSE_BLOCK_N,
-        precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None,
-        out_dtype=jnp.float32,
-    ).reshape(splits, m, n)
+        compiler_params=compiler_params,
+        name="split_k_matmul",
+    )(x, *weights)
     total = partial[0]
     for s in range(1, splits):  # unrolled: a fixed order
         total = total + partial[s]
-    return total.astype(rows.dtype)
+    total = total[:m].astype(rows.dtype)
+    starts = np.cumsum([0, *widths])
+    return [total[:, starts[i] : starts[i + 1]] for i in range(len(widths))]
+
+
+def _split_k_kernel(x_ref, *refs, width: int, block_n: int, first_block, precision):
+    """refs: the weights, then the output. Program (tile, col, split): the column block col of
+    the weights side by side, over K values [split * width, (split + 1) * width)."""
+    *w_refs, out_ref = refs
+    tile, col, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pl.ds(tile * BLOCK_M, BLOCK_M)
+
+    def product(w_ref, local_col):
+        cols = pl.ds(local_col * block_n, block_n)
+
+        def body(i, acc):
+            ks = pl.ds(split * width + i * BLOCK_K, BLOCK_K)
+            return acc + jnp.dot(
+                x_ref[rows, ks],
+                w_ref[ks, cols],
+                preferred_element_type=jnp.float32,
+                precision=precision,
+            )
+
+        zero = jnp.zeros((BLOCK_M, block_n), jnp.float32)
+        acc = jax.lax.fori_loop(0, width // BLOCK_K, body, zero)
+        out_ref[split, rows, pl.ds(col * block_n, block_n)] = acc
+
+    if len(w_refs) == 1:
+        product(w_refs[0], col)
+        return
+    for w_ref, lo, hi in zip(w_refs, first_block[:-1], first_block[1:], strict=True):
+        pl.when((col >= lo) & (col < hi))(functools.partial(product, w_ref, col - lo))
 
 
 def lm_head_logits(
@@ -110,5 +197,6 @@ def lm_head_logits(
 ) -> Float[Array, "*rows vocab"]:
     """Logits in float32. XLA's float32 GEMM kept each row's bits for 1, 16 and 128 rows on an
     H200 (probe_row_invariance.py), and a re-prefill matched decode with the LM head through
-    the kernel or not (probe_reprefill.py), so the LM head stays an XLA dot."""
+    the kernel or not (probe_reprefill.py), so the LM head stays an XLA dot. (The head is
+    float32 in the models here: it streams at about 4.1 TB/s, profile in RESULTS.md.)"""
     return x.astype(jnp.float32) @ head.astype(jnp.float32)

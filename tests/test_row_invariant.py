@@ -59,3 +59,15 @@ def test_off_the_gpu_matmul_is_plain_xla():
     with row_invariant.row_invariant_matmuls():
         out = row_invariant.matmul(x, w)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x @ w))
+
+
+def test_projections_of_one_input_in_one_call_are_each_projection():
+    """q, k and v side by side in one kernel call: each output column is computed as alone."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((7, 512)), jnp.bfloat16)
+    weights = [jnp.asarray(rng.standard_normal((512, n)) * 0.05, jnp.bfloat16) for n in (192, 64)]
+    together = row_invariant.split_k_matmuls(x, weights, interpret=True)
+    for w, out in zip(weights, together, strict=True):
+        alone = row_invariant.split_k_matmul(x, w, interpret=True)
+        assert out.shape == alone.shape
+        assert (np.asarray(out) == np.asarray(alone)).all()
