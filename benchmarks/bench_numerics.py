@@ -128,7 +128,12 @@ def decode_ms(engine, cfg, args) -> float:
 def restart(args, mode) -> dict:
     """The baselines of `mode`, computed by a fresh process."""
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_numerics_{os.getpid()}.json")
-    argv = [a for a in sys.argv[1:] if not a.startswith("--modes")]
+    argv, rest = [], iter(sys.argv[1:])
+    for a in rest:  # drop "--modes X" and "--modes=X": the child runs `mode` only
+        if a == "--modes":
+            next(rest, None)
+        elif not a.startswith("--modes="):
+            argv.append(a)
     command = [sys.executable, os.path.abspath(__file__), *argv, "--modes", mode, "--child", path]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     with open(path) as f:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from models import attention_kernel
+from models import absorbed_mla, attention_kernel, row_invariant
 from models.config import ModelConfig
 from models.fixed_order import fixed_order_softmax, fixed_order_softmax_with_sink
 from models.kv_cache import LayerCache, write_layer_cache
@@ -268,10 +268,28 @@ class MultiHeadLatentAttention(nnx.Module):
         # kv_b_proj's output is grouped per head, [nope | v] each (its kernel is [in, out]).
         w_kv = self.kv_b_proj.kernel[...].reshape(lora, h, nope + cfg.v_head_dim)
         w_uk, w_uv = w_kv[..., :nope], w_kv[..., nope:]  # [lora, h, nope], [lora, h, v]
+        b, c = q_nope.shape[:2]
+        absorbed = row_invariant.kernels_enabled() and absorbed_mla.supported(
+            nope, cfg.v_head_dim, lora
+        )
         # Contractions over one token's own vectors only: no sum spans rows of the batch.
-        q_latent = jnp.einsum("bchn,lhn->bchl", q_nope, w_uk)
+        if absorbed:  # GPU, invariant numerics: a fixed tiling whatever the row count
+            w = self.kv_b_proj.kernel[...]
+            q_flat = q_nope.reshape(b * c, h, nope)
+            q_latent = absorbed_mla.absorb_query(q_flat, w, cfg.v_head_dim).reshape(b, c, h, lora)
+        else:
+            q_latent = jnp.einsum("bchn,lhn->bchl", q_nope, w_uk)
         cache = write_layer_cache(cache, k_rope, c_kv[:, :, None, :], rows, positions)
         seen = _read(cache, rows)  # k: [b, 1, t, rope] rope keys; v: [b, 1, t, lora] latents
+        if attention_kernel.use_kernel(q_latent, seen.v, seen.v):
+            out_latent = attention_kernel.live_context_attention(
+                q_latent, seen.v, seen.v, positions, scale, q_extra=q_rope, keys_extra=seen.k
+            )
+            if absorbed:
+                flat = out_latent.reshape(b * c, h, lora)
+                out = absorbed_mla.expand_output(flat, self.kv_b_proj.kernel[...], cfg.v_head_dim)
+                return out.reshape(b, c, h, cfg.v_head_dim), cache
+            return jnp.einsum("bchl,lhv->bchv", out_latent, w_uv), cache
         f32 = jnp.float32
         scores = jnp.einsum("bchl,btl->bhct", q_latent, seen.v[:, 0], preferred_element_type=f32)
         scores += jnp.einsum("bchr,btr->bhct", q_rope, seen.k[:, 0], preferred_element_type=f32)

@@ -66,19 +66,31 @@ def live_context_attention(
     q_positions: Int[Array, "b c"],
     scale: float,
     *,
+    q_extra: Float[Array, "b c hq de"] | None = None,
+    keys_extra: Float[Array, "b hkv t de"] | None = None,
     interpret: bool = False,
 ) -> Float[Array, "b c hq dv"]:
     """softmax(q k^T * scale, keys at positions <= the query's) v, in float32, cast to v's
     dtype; keys at 0..t-1 of each row's cache. A query at a negative position sees nothing
-    (its output is undefined: padding)."""
+    (its output is undefined: padding). q_extra / keys_extra: a second part of each query and
+    key whose products add to the scores (MLA's rotary part: q_latent . c + q_rope . k_rope);
+    values may be `keys` itself (MLA's latent c), read once per block then."""
     b, c, hq, dk = q.shape
     hkv, t, dv = keys.shape[1], keys.shape[2], values.shape[-1]
     g = hq // hkv
     rows = c * g  # per (request row, kv head): query positions x the heads sharing a kv head
     padded = pl.cdiv(rows, BLOCK_R) * BLOCK_R
     splits = pl.cdiv(t, SPLIT_T)
-    q_rows = q.reshape(b, c, hkv, g, dk).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, dk)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, padded - rows), (0, 0)))
+
+    def query_rows(x):  # [b, c, hq, d] -> [b, hkv, padded, d], rows ordered (position, head)
+        d = x.shape[-1]
+        x = x.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, d)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, padded - rows), (0, 0)))
+
+    shared = values is keys
+    operands = [query_rows(q), keys] + ([] if shared else [values])
+    if q_extra is not None:
+        operands += [query_rows(q_extra), keys_extra]
     row_positions = jnp.repeat(q_positions.astype(jnp.int32), g, axis=1)  # [b, rows]
     row_positions = jnp.pad(row_positions, ((0, 0), (0, padded - rows)), constant_values=-1)
     compiler_params = None
@@ -88,7 +100,13 @@ def live_context_attention(
         compiler_params = plt.CompilerParams(num_warps=4, num_stages=2)
     f32 = jnp.float32
     top, total, acc = pl.pallas_call(
-        functools.partial(_kernel, scale=scale, blocks_in_window=t // BLOCK_T),
+        functools.partial(
+            _kernel,
+            scale=scale,
+            blocks_in_window=t // BLOCK_T,
+            shared_values=shared,
+            extra=q_extra is not None,
+        ),
         out_shape=(
             varying_like(q, (b, hkv, splits, padded), f32),
             varying_like(q, (b, hkv, splits, padded), f32),
@@ -98,7 +116,7 @@ def live_context_attention(
         interpret=interpret,
         compiler_params=compiler_params,
         name="live_context_attention",
-    )(row_positions, q_rows, keys, values)
+    )(row_positions, *operands)
     # The splits' partial softmaxes, combined in split order (a split past a row's position
     # has top -inf and adds exact zeros).
     best = jnp.max(top, axis=2)  # exact in any order
@@ -113,12 +131,19 @@ def live_context_attention(
     return out.reshape(b, c, hq, dv)
 
 
-def _kernel(pos_ref, q_ref, k_ref, v_ref, top_ref, total_ref, acc_ref, *, scale, blocks_in_window):
+def _kernel(pos_ref, *refs, scale, blocks_in_window, shared_values: bool, extra: bool):
     """Program (row, head, tile, split): the partial softmax of 16 query rows over the key
-    blocks of one split of the window that hold positions up to the tile's last query."""
+    blocks of one split of the window that hold positions up to the tile's last query.
+    refs: q, keys, [values unless shared], [q_extra, keys_extra], then the three outputs."""
+    refs = list(refs)
+    q_ref, k_ref = refs.pop(0), refs.pop(0)
+    v_ref = k_ref if shared_values else refs.pop(0)
+    qe_ref, ke_ref = (refs.pop(0), refs.pop(0)) if extra else (None, None)
+    top_ref, total_ref, acc_ref = refs
     row, head, tile, split = (pl.program_id(i) for i in range(4))
     tile_rows = pl.ds(tile * BLOCK_R, BLOCK_R)
     query = q_ref[row, head, tile_rows, :]  # [BLOCK_R, dk]
+    query_extra = qe_ref[row, head, tile_rows, :] if extra else None
     position = pos_ref[row, tile_rows]  # [BLOCK_R]
     last = jnp.max(position)
     live = jnp.where(last < 0, 0, jnp.minimum(last // BLOCK_T + 1, blocks_in_window))
@@ -130,7 +155,10 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, top_ref, total_ref, acc_ref, *, scale,
         top, total, acc = carry
         span = pl.ds(i * BLOCK_T, BLOCK_T)
         keys = k_ref[row, head, span, :]  # [BLOCK_T, dk]
-        scores = _dot(query, keys, ((1,), (1,))) * scale  # [BLOCK_R, BLOCK_T], float32
+        scores = _dot(query, keys, ((1,), (1,)))  # [BLOCK_R, BLOCK_T], float32
+        if extra:
+            scores = scores + _dot(query_extra, ke_ref[row, head, span, :], ((1,), (1,)))
+        scores = scores * scale
         key_position = i * BLOCK_T + jnp.arange(BLOCK_T)
         scores = jnp.where(key_position[None, :] <= position[:, None], scores, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=1))
@@ -138,7 +166,7 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, top_ref, total_ref, acc_ref, *, scale,
         alpha = jnp.exp(top - shift)
         p = jnp.exp(scores - shift[:, None])
         total = total * alpha + jnp.sum(p, axis=1)
-        values = v_ref[row, head, span, :]
+        values = keys if shared_values else v_ref[row, head, span, :]
         acc = acc * alpha[:, None] + _dot(p.astype(values.dtype), values, ((1,), (0,)))
         return new_top, total, acc
 

@@ -94,12 +94,15 @@ def matmuls(x: Float[Array, "... k"], weights: Sequence[Array]) -> list[Array]:
     return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 
+def kernels_enabled() -> bool:
+    """Inside `row_invariant_matmuls()` on the GPU (ELASTIC_MOE_GROUPED_MATMUL=ragged_dot: XLA)."""
+    return _ENABLED.get() and jax.default_backend() == "gpu" and implementation() == "auto"
+
+
 def _use_kernel(x: Array, weights: Sequence[Array]) -> bool:
     k = x.shape[-1]
     return (
-        _ENABLED.get()
-        and jax.default_backend() == "gpu"
-        and implementation() == "auto"
+        kernels_enabled()
         and all(w.dtype == x.dtype and w.shape[0] == k for w in weights)
         and all(supported((1, k), (1, *w.shape), DENSE_BLOCK_N) for w in weights)
     )
