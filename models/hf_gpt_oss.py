@@ -27,7 +27,9 @@ from models.config import ModelConfig
 from models.mxfp4 import BLOCK, dequantize_mxfp4
 
 if TYPE_CHECKING:
-    from models.hf_loader import Catalog, SafetensorsFile, Source
+    from models.hf_checkpoint_files import Catalog
+    from models.hf_tensors import Source
+    from models.safetensors_file import SafetensorsFile
 
 GPT_OSS_KINDS = (
     "gpt_oss_gate_up",
@@ -42,7 +44,7 @@ GPT_OSS_KINDS = (
 def gpt_oss_moe_tensors(cfg: ModelConfig, layer: int) -> tuple[dict, dict]:
     """(required, alternative) checkpoint names of MoE layer `layer`: the float experts that
     save_pretrained writes, or their MXFP4 form (when H and I are multiples of 32)."""
-    from models.hf_loader import Source, _linear, _vector
+    from models.hf_tensors import Source, _linear, _vector
 
     d, e, f = cfg.d_model, cfg.num_experts, cfg.moe_d_ff
     hf, mlp = f"model.layers.{layer}.mlp.", ("layers", layer, "mlp")
@@ -84,7 +86,8 @@ def fill_gpt_oss(
     params: dict, file: SafetensorsFile, name: str, source: Source, catalog: Catalog
 ) -> None:
     """Reads one gpt-oss expert tensor (expert by expert) into its place in params."""
-    from models.hf_loader import SafetensorsFile, _finite, _leaf
+    from models.hf_loader import _finite, _leaf
+    from models.safetensors_file import SafetensorsFile
 
     if source.kind == "mxfp4_scales":
         return
