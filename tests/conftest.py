@@ -3,7 +3,10 @@
 Both must happen before jax or the project's modules are imported.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
@@ -18,6 +21,16 @@ install_import_hook(["models", "mesh", "elastic_moe"], "beartype.beartype")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# One persistent compilation cache per test run: the many engines built with the same model,
+# mesh and geometry compile each program once (tracing still runs each time). Fresh per run,
+# so no test depends on what an earlier run left; CLI and worker subprocesses share it.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="elastic-moe-test-xla-cache-")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+os.environ.setdefault("ELASTIC_MOE_CACHE_DIR", _COMPILE_CACHE)
+jax.config.update("jax_compilation_cache_dir", os.environ["ELASTIC_MOE_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

@@ -51,11 +51,7 @@ def test_there_are_notebooks():
     ], names
 
 
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p for p in NOTEBOOKS],
-    ids=[p.stem for p in NOTEBOOKS],
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_is_committed_without_outputs(path: Path):
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
@@ -94,7 +90,11 @@ def printed(notebook) -> str:
     )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p for p in NOTEBOOKS],
+    ids=[p.stem for p in NOTEBOOKS],
+)
 def test_notebook_runs(path: Path, kernel_specs: KernelSpecManager, monkeypatch, tmp_path_factory):
     # A token in the environment would make the notebook's in-process Admin API demand it.
     monkeypatch.delenv("ELASTIC_MOE_ADMIN_TOKEN", raising=False)
