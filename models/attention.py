@@ -1,8 +1,10 @@
 """Attention with a KV cache: grouped-query attention (GQA) and multi-head latent attention (MLA).
 
-Both write the new keys and values into the cache first, then attend over the whole cache with
-a position mask. Prefill and decode therefore run the same arithmetic per token, which keeps a
-re-prefilled request on exactly the tokens it would have produced by decoding.
+Both write the new keys and values into the cache first, then attend over it: on the GPU with
+one kernel that reads each query's live context only (models/attention_kernel.py), elsewhere
+over the whole cache with a position mask. Prefill and decode run the same arithmetic per token
+either way, which keeps a re-prefilled request on exactly the tokens it would have produced by
+decoding.
 """
 
 from __future__ import annotations
