@@ -202,19 +202,23 @@ class MeshPrograms:
         with self._compile_lock:
             return self._compile_prefill(length)
 
+    def abstract_prefill_args(self, length: int) -> tuple:
+        """The prefill program's arguments for prompts padded to `length`, as shapes."""
+        p = self.geometry.num_prefill_rows
+        row = self._abstract_rows
+        return (
+            *self._abstract_common(),
+            row((p, length)),
+            row((p, length)),
+            row((p,)),
+            row((p,)),
+            self._abstract_sampling(p),
+        )
+
     def _compile_prefill(self, length: int):
         key = ("prefill", length)
         if key not in self._compiled:
-            p = self.geometry.num_prefill_rows
-            row = self._abstract_rows
-            args = (
-                *self._abstract_common(),
-                row((p, length)),
-                row((p, length)),
-                row((p,)),
-                row((p,)),
-                self._abstract_sampling(p),
-            )
+            args = self.abstract_prefill_args(length)
             self._compiled[key] = self.prefill.lower(*args).compile()
         return self._compiled[key]
 
