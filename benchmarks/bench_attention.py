@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_ms  # noqa: E402
 
 LAYERS = 8
 
@@ -86,19 +87,12 @@ def main() -> int:
 def timed(fn, q, keys, values, positions, scale, args) -> float:
     """Microseconds per layer: LAYERS calls (their own caches) in one program."""
     import jax
-    import numpy as np
 
     @jax.jit
     def step(q, keys, values, positions):
         return [fn(q[i, :, :1], keys[i], values[i], positions, scale) for i in range(LAYERS)]
 
-    jax.block_until_ready(step(q, keys, values, positions))
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        jax.block_until_ready(step(q, keys, values, positions))
-        times.append(time.perf_counter() - start)
-    return 1e6 * float(np.median(times)) / LAYERS
+    return 1e3 * median_ms(lambda: step(q, keys, values, positions), args.iters) / LAYERS
 
 
 if __name__ == "__main__":

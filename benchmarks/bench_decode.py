@@ -19,7 +19,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import model_to_time, simulate_devices_unless_gpu  # noqa: E402
+from common import (  # noqa: E402
+    decode_step_timer,
+    full_batch_decode_inputs,
+    model_to_time,
+    simulate_devices_unless_gpu,
+)
 
 
 def parse() -> argparse.Namespace:
@@ -162,38 +167,22 @@ def main() -> int:
             engine.submit(Request(prompt, max_tokens=max_tokens))
         while engine.waiting:  # prefill everyone first
             engine.step()
-        mesh = engine.mesh
-        tokens = np.zeros((b,), np.int32)
-        positions = np.full((b,), args.context, np.int32)
-        sampling = engine._sampling([None] * b)
-        jax.block_until_ready(mesh.decode(tokens, positions, sampling).tokens)
-
-        def timer() -> float:
-            times = []
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                jax.block_until_ready(mesh.decode(tokens, positions, sampling).tokens)
-                times.append(time.perf_counter() - start)
-            return 1000 * float(np.median(times))
-
-        return timer
+        return decode_step_timer(engine, args.context, args.steps)
 
     def measure(engine, name, device_ms=None):
         if device_ms is None:
             device_ms = prepare(engine)()
         mesh = engine.mesh
         b = mesh.geometry.num_request_slots
-        tokens = np.zeros((b,), np.int32)
-        positions = np.full((b,), args.context, np.int32)
-        sampling = engine._sampling([None] * b)
         if args.profile_device and not traced_once:
             from device_profile import print_summary, traced
 
             traced_once.append(name)
             trace_dir = os.path.join(args.profile_device, "trace")
+            inputs = full_batch_decode_inputs(engine, args.context)
             with traced(trace_dir):
                 for _ in range(args.steps):
-                    out = mesh.decode(tokens, positions, sampling)
+                    out = mesh.decode(*inputs)
                 jax.block_until_ready(out.tokens)
             print(f"# device profile of {args.steps} decode steps, {name}:")
             print_summary(trace_dir, os.path.join(args.profile_device, "hlo"), args.steps)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_ms  # noqa: E402
 
 # (name, k, n, dtype): qwen3-30b-a3b's q, k (= v), o projections and its float32 router.
 SHAPES = (
@@ -144,42 +145,19 @@ def grouped_split_k(x, w):
 
 
 def timed_many(product, x, weights, args) -> float:
-    """Microseconds per set of products (one weight of each stack), as `timed`."""
+    """Microseconds per set of products (one weight of each stack): WEIGHTS sets in one
+    program, median of --iters calls."""
     import jax
-    import numpy as np
-
-    @jax.jit
-    def many(x, ws):
-        return [product(x, [w[i] for w in ws]) for i in range(WEIGHTS)]
-
-    jax.block_until_ready(many(x, weights))
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        jax.block_until_ready(many(x, weights))
-        times.append(time.perf_counter() - start)
-    return 1e6 * float(np.median(times)) / WEIGHTS
-
-
-def timed(product, x, w, args) -> float:
-    """Microseconds per product: WEIGHTS products in one program, median of iters calls."""
-    import jax
-    import numpy as np
 
     if args.interpret:
         return 0.0
+    many = jax.jit(lambda x, ws: [product(x, [w[i] for w in ws]) for i in range(WEIGHTS)])
+    return 1e3 * median_ms(lambda: many(x, weights), args.iters) / WEIGHTS
 
-    @jax.jit
-    def many(x, w):
-        return [product(x, w[i]) for i in range(WEIGHTS)]
 
-    jax.block_until_ready(many(x, w))
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        jax.block_until_ready(many(x, w))
-        times.append(time.perf_counter() - start)
-    return 1e6 * float(np.median(times)) / WEIGHTS
+def timed(product, x, w, args) -> float:
+    """Microseconds per product (`timed_many` of one weight stack)."""
+    return timed_many(lambda x, ws: product(x, ws[0]), x, [w], args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import model_to_time, simulate_devices_unless_gpu  # noqa: E402
+from common import decode_step_timer, model_to_time, simulate_devices_unless_gpu  # noqa: E402
 
 MODES = ("invariant", "fast")
 MIXES = ("greedy", "sampled")
@@ -108,21 +108,7 @@ def compare(base, got) -> tuple[int, float]:
 
 def decode_ms(engine, cfg, args) -> float:
     """Median decode step at the full batch (every request slot busy)."""
-    import jax
-    import numpy as np
-
-    mesh = engine.mesh
-    b = mesh.geometry.num_request_slots
-    tokens = np.ones((b,), np.int32)
-    positions = np.full((b,), 32, np.int32)
-    sampling = engine._sampling([None] * b)
-    jax.block_until_ready(mesh.decode(tokens, positions, sampling).tokens)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        jax.block_until_ready(mesh.decode(tokens, positions, sampling).tokens)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return decode_step_timer(engine, 32, args.steps, token=1)()
 
 
 def restart(args, mode) -> dict:

@@ -34,3 +34,44 @@ def model_to_time(preset: str, layers: int = 0, max_seq_len: int = 0):
     cfg = get_preset(preset).replace(**changes)
     params = init_params(cfg) if cfg.d_model < 512 else synthetic_params(cfg)
     return cfg, params
+
+
+def full_batch_decode_inputs(engine, position: int, token: int = 0) -> tuple:
+    """(tokens, positions, sampling) of a decode with every request slot busy, each slot's input
+    `token` at `position`, greedy: the inputs of `mesh.decode` for timing it alone."""
+    import numpy as np
+
+    b = engine.mesh.geometry.num_request_slots
+    tokens = np.full((b,), token, np.int32)
+    positions = np.full((b,), position, np.int32)
+    return tokens, positions, engine._sampling([None] * b)
+
+
+def median_ms(call, repeats: int, warm: bool = True) -> float:
+    """Median wall milliseconds of `call()` over `repeats` calls, each waited for (its result
+    blocked on); one untimed call first when `warm`."""
+    import time
+
+    import jax
+    import numpy as np
+
+    if warm:
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def decode_step_timer(engine, position: int, steps: int, token: int = 0):
+    """Warms the full-batch decode (full_batch_decode_inputs) once and returns a timer: the
+    median ms of `steps` decode steps, each waited for."""
+    mesh, inputs = engine.mesh, full_batch_decode_inputs(engine, position, token)
+
+    def step():
+        return mesh.decode(*inputs).tokens
+
+    median_ms(step, 0)  # the warm-up call alone
+    return lambda: median_ms(step, steps, warm=False)
