@@ -16,7 +16,11 @@ from jaxtyping import Array, Float, Int
 
 from models import absorbed_mla, attention_kernel, row_invariant
 from models.config import ModelConfig
-from models.fixed_order import fixed_order_softmax, fixed_order_softmax_with_sink
+from models.fixed_order import (
+    fixed_order_einsum,
+    fixed_order_softmax,
+    fixed_order_softmax_with_sink,
+)
 from models.kv_cache import LayerCache, write_layer_cache
 from models.layers import Dense, RMSNorm, project
 from models.rope import apply_partial_rope, apply_rope, mla_softmax_scale, rope_tables
@@ -64,15 +68,27 @@ def attend_whole_window(
     b, c, hq, dk = q.shape
     hkv = keys.shape[1]
     q = q.reshape(b, c, hkv, hq // hkv, dk)
-    scores = jnp.einsum("bckgd,bktd->bkgct", q, keys, preferred_element_type=jnp.float32) * scale
+    scores = einsum("bckgd,bktd->bkgct", q, keys, numerics, jnp.float32) * scale
     if sinks is not None:
         sink = sinks.astype(jnp.float32).reshape(1, hkv, hq // hkv, 1, 1)
         scores = mask_unseen(scores, q_positions, window)
         probs = _softmax_with_sink(scores, sink, numerics).astype(values.dtype)
     else:
         probs = causal_softmax(scores, q_positions, numerics, window=window).astype(values.dtype)
-    out = jnp.einsum("bkgct,bktd->bckgd", probs, values)
+    out = einsum("bkgct,bktd->bckgd", probs, values, numerics)
     return out.reshape(b, c, hq, values.shape[-1])
+
+
+def einsum(spec: str, x: Array, y: Array, numerics: str, out_dtype=None) -> Array:
+    """jnp.einsum for the XLA attention path. With invariant numerics off the GPU, in a fixed
+    order (models.fixed_order_einsum): XLA's CPU dot rounds a query's scores differently when
+    a head has fewer than 16 query rows (a decode step) than with more (a prefill). On the GPU
+    these einsums were measured row-invariant at the probed shapes (benchmarks/RESULTS.md), and
+    the fixed-order form would materialise every query's products over the whole window."""
+    out_dtype = out_dtype or jnp.result_type(x, y)
+    if numerics == "invariant" and jax.default_backend() != "gpu":
+        return fixed_order_einsum(spec, x, y).astype(out_dtype)
+    return jnp.einsum(spec, x, y, preferred_element_type=out_dtype)
 
 
 def mask_unseen(
@@ -280,7 +296,7 @@ class MultiHeadLatentAttention(nnx.Module):
             q_flat = q_nope.reshape(b * c, h, nope)
             q_latent = absorbed_mla.absorb_query(q_flat, w, cfg.v_head_dim).reshape(b, c, h, lora)
         else:
-            q_latent = jnp.einsum("bchn,lhn->bchl", q_nope, w_uk)
+            q_latent = einsum("bchn,lhn->bchl", q_nope, w_uk, numerics)
         cache = write_layer_cache(cache, k_rope, c_kv[:, :, None, :], rows, positions)
         seen = _read(cache, rows)  # k: [b, 1, t, rope] rope keys; v: [b, 1, t, lora] latents
         if attention_kernel.use_kernel(q_latent, seen.v, seen.v):
@@ -291,10 +307,10 @@ class MultiHeadLatentAttention(nnx.Module):
                 flat = out_latent.reshape(b * c, h, lora)
                 out = absorbed_mla.expand_output(flat, self.kv_b_proj.kernel[...], cfg.v_head_dim)
                 return out.reshape(b, c, h, cfg.v_head_dim), cache
-            return jnp.einsum("bchl,lhv->bchv", out_latent, w_uv), cache
+            return einsum("bchl,lhv->bchv", out_latent, w_uv, numerics), cache
         f32 = jnp.float32
-        scores = jnp.einsum("bchl,btl->bhct", q_latent, seen.v[:, 0], preferred_element_type=f32)
-        scores += jnp.einsum("bchr,btr->bhct", q_rope, seen.k[:, 0], preferred_element_type=f32)
+        scores = einsum("bchl,btl->bhct", q_latent, seen.v[:, 0], numerics, f32)
+        scores += einsum("bchr,btr->bhct", q_rope, seen.k[:, 0], numerics, f32)
         probs = causal_softmax(scores * scale, positions, numerics).astype(seen.v.dtype)
-        out_latent = jnp.einsum("bhct,btl->bchl", probs, seen.v[:, 0])
-        return jnp.einsum("bchl,lhv->bchv", out_latent, w_uv), cache
+        out_latent = einsum("bhct,btl->bchl", probs, seen.v[:, 0], numerics)
+        return einsum("bchl,lhv->bchv", out_latent, w_uv, numerics), cache
