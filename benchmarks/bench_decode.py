@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    copy_gbs,
     decode_step_timer,
     full_batch_decode_inputs,
     model_to_time,
@@ -37,7 +38,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--context", type=int, default=128, help="prompt length of each request")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--variants", default="basic", choices=["basic", "all"])
-    p.add_argument("--hbm-gbs", type=float, default=3000.0, help="measured HBM GB/s (H100)")
+    p.add_argument(
+        "--hbm-gbs",
+        type=float,
+        default=0.0,
+        help="HBM copy GB/s for the roofline (0: measured on the first device, common.copy_gbs)",
+    )
     p.add_argument("--json", default="", help="write the results here too")
     p.add_argument(
         "--mla-cache",
@@ -107,6 +113,8 @@ def main() -> int:
     if cfg.attention == "mla":
         print(f"# MLA cache: {cfg.mla_cache}", flush=True)
 
+    hbm_gbs = args.hbm_gbs or copy_gbs(devices[0])
+    print(f"# roofline over {hbm_gbs:,.0f} GB/s ({'given' if args.hbm_gbs else 'measured'})")
     modes = args.numerics.split(",")
     attentions = args.attention.split(",")
     os.environ["ELASTIC_MOE_ATTENTION"] = attentions[0]
@@ -209,7 +217,7 @@ def main() -> int:
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(14)
         for rid in list(engine.running) + list(engine.waiting):
             engine.abort(rid)
-        floor_ms = roofline_ms(cfg, engine, args.hbm_gbs)
+        floor_ms = roofline_ms(cfg, engine, hbm_gbs, live_tokens=args.context + 1)
         return dict(
             variant=name,
             devices=len(engine.mesh.devices),
@@ -255,10 +263,11 @@ def main() -> int:
     return 0
 
 
-def roofline_ms(cfg, engine, hbm_gbs: float) -> float:
+def roofline_ms(cfg, engine, hbm_gbs: float, live_tokens: int) -> float:
     """Fewest bytes one device must read per decode step, over HBM bandwidth: replicated dense
-    weights, its expert slots that tokens touch, and the KV cache it attends over (the whole
-    max_seq_len window: the attention reads it all)."""
+    weights, its expert slots that tokens touch, and the live KV context of each request slot
+    (`live_tokens` positions: what the GPU's attention kernel reads; the XLA path reads the
+    whole max_seq_len window, which the floor does not grant it)."""
     import jax
     import numpy as np
 
@@ -285,7 +294,7 @@ def roofline_ms(cfg, engine, hbm_gbs: float) -> float:
     expert_bytes = cfg.expert_bytes() * experts_per_device * cfg.num_moe_layers
     kv = (
         geometry.request_slots_per_device
-        * cfg.max_seq_len
+        * live_tokens
         * kv_bytes_per_token(cfg)  # the cache form's layout (MLA: latent or per head)
         * cfg.num_layers
     )

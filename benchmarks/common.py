@@ -75,3 +75,16 @@ def decode_step_timer(engine, position: int, steps: int, token: int = 0):
 
     median_ms(step, 0)  # the warm-up call alone
     return lambda: median_ms(step, steps, warm=False)
+
+
+def copy_gbs(device, megabytes: int = 1024) -> float:
+    """HBM copy bandwidth of `device` in GB/s, bytes read + written: the roofline's divisor,
+    measured on the card that is timed (median of 20 copies of a `megabytes` array)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = megabytes * 2**20 // 4
+    x = jax.device_put(jnp.zeros((n,), jnp.float32), device)
+    copy = jax.jit(lambda a: a + 1)
+    ms = median_ms(lambda: copy(x), 20)
+    return 2 * n * 4 / (ms / 1000) / 1e9
