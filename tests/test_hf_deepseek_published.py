@@ -92,7 +92,10 @@ def test_published_rope_configs_match_transformers(name):
 )
 def test_presets_have_the_published_yarn(preset, published):
     cfg, entry = get_preset(preset), ROPE_REFERENCE[published]
-    np.testing.assert_allclose(inverse_frequencies(cfg, cfg.qk_rope_head_dim), entry["inv_freq"])
+    # rtol 1e-6 (a few float32 ulps): numpy's float32 power moved by an ulp between releases
+    np.testing.assert_allclose(
+        inverse_frequencies(cfg, cfg.qk_rope_head_dim), entry["inv_freq"], rtol=1e-6
+    )
     assert mla_softmax_scale(cfg) == pytest.approx(entry["softmax_scale"], rel=1e-12)
     assert yarn_attention_factor(cfg) == entry["attention_scaling"] == 1.0
 
