@@ -148,14 +148,24 @@ class ServingMesh:
             self.params, self.cache, *self.prefill_tables, tokens, positions, rows, last, sampling
         )
         self.cache = out.cache
-        return out
+        return self._draw_sampled_rows(out, sampling.temperature, sampling)
 
     def decode(self, tokens, positions, sampling: Sampling) -> StepOutput:
         run = self.programs.compile_decode()
-        sampling = self._resident_sampling(sampling)
-        out = run(self.params, self.cache, *self.tables, tokens, positions, sampling)
+        resident = self._resident_sampling(sampling)
+        out = run(self.params, self.cache, *self.tables, tokens, positions, resident)
         self.cache = out.cache
-        return out
+        return self._draw_sampled_rows(out, sampling.temperature, resident)
+
+    def _draw_sampled_rows(self, out: StepOutput, temperature, sampling: Sampling) -> StepOutput:
+        """The step's programs pick every row greedily; when the host's columns say some row
+        samples, the sampling program redraws the step's tokens from its logits, on the
+        devices (a choice inside the step would make the GPU runtime wait on the host)."""
+        if not np.any(np.asarray(temperature) > 0):
+            return out
+        draw = self.programs.compiled_draw(out.logits.shape[0])
+        tokens, logprobs = draw(out.logits, sampling)
+        return out._replace(tokens=tokens, logprobs=logprobs)
 
     def _resident_sampling(self, sampling: Sampling) -> Sampling:
         """The per-request columns (temperature, top-k, top-p, seed) change only when a slot

@@ -92,7 +92,7 @@ def _local_forward(graphdef, cfg: ModelConfig, numerics: str):
             numerics=numerics,
         )
         with jax.named_scope("sampling"):
-            next_tokens, logprobs = sample(logits, *sampling, numerics)
+            next_tokens, logprobs = sample(logits, *sampling, numerics, draw=False)
         return StepOutput(next_tokens, logprobs, logits, cache, load)
 
     return forward
@@ -142,6 +142,16 @@ class MeshPrograms:
             out_shardings=self.cache_shardings,
         )
         self.prefill = jax.jit(sharded(BATCH), donate_argnums=(1,))
+
+        def draw(logits, sampling):
+            return sample(logits, *sampling, geometry.numerics)
+
+        # The sampled rows of a step, drawn only when it has any (models.sampling says why).
+        self.draw = jax.jit(
+            jax.shard_map(
+                draw, mesh=mesh, in_specs=(BATCH, sampling_spec), out_specs=(BATCH, BATCH)
+            )
+        )
         self._compiled: dict[Any, Any] = {}
         # Standby compiles run on a background thread; a foreground caller waits for them.
         self._compile_lock = threading.Lock()
@@ -193,9 +203,27 @@ class MeshPrograms:
 
     def _compile_decode(self):
         if "decode" not in self._compiled:
-            args = self.abstract_decode_args()
-            self._compiled["decode"] = self.decode.lower(*args).compile()
+            lowered = self.decode.lower(*self.abstract_decode_args())
+            self._compile_draw(lowered.out_info.logits)
+            self._compiled["decode"] = lowered.compile()
         return self._compiled["decode"]
+
+    def _compile_draw(self, logits: jax.ShapeDtypeStruct) -> None:
+        """The sampling program for the logits of a decode or prefill (compiled with it, so a
+        step that samples never compiles on the serving path)."""
+        rows = logits.shape[0]
+        if ("draw", rows) not in self._compiled:
+            args = (
+                jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=self.batch),
+                self._abstract_sampling(rows),
+            )
+            self._compiled["draw", rows] = self.draw.lower(*args).compile()
+
+    def compiled_draw(self, rows: int):
+        """The sampling program for `rows` rows of logits (built by compile_decode or
+        compile_prefill)."""
+        with self._compile_lock:
+            return self._compiled["draw", rows]
 
     def compile_prefill(self, length: int):
         """The AOT-compiled prefill executable for prompts padded to `length`."""
@@ -218,8 +246,9 @@ class MeshPrograms:
     def _compile_prefill(self, length: int):
         key = ("prefill", length)
         if key not in self._compiled:
-            args = self.abstract_prefill_args(length)
-            self._compiled[key] = self.prefill.lower(*args).compile()
+            lowered = self.prefill.lower(*self.abstract_prefill_args(length))
+            self._compile_draw(lowered.out_info.logits)
+            self._compiled[key] = lowered.compile()
         return self._compiled[key]
 
     @property

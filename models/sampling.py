@@ -46,20 +46,23 @@ def sample(
     seed: UInt32[Array, " b"],
     step: Int[Array, " b"],
     numerics: str = "invariant",
+    *,
+    draw: bool = True,
 ) -> tuple[Int[Array, " b"], Float[Array, " b"]]:
     """Next token of each row and its log-probability under the model (temperature 1).
 
+    draw=False: every row greedy (no vocabulary sort). The serving programs run that, and a
+    second program draws the sampled rows only in steps that have any (elastic_moe.steps): a
+    `lax.cond` choosing between the two inside the step made XLA's GPU runtime copy its
+    predicate to the host and wait for it, so launching a step returned only once the step
+    was done. Rows with temperature <= 0 are greedy either way, with the same bits.
     numerics "invariant": the log-softmax's sum in a fixed order (models.fixed_order), so a
     row's logprob does not depend on how many rows share the step."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def with_sampling() -> Int[Array, " b"]:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if draw:
         row = functools.partial(_sample_row, numerics=numerics)
-        sampled = jax.vmap(row)(logits, temperature, top_k, top_p, seed, step)
-        return jnp.where(temperature <= 0, greedy, sampled.astype(jnp.int32))
-
-    # Sorting the vocabulary for every row is costly: skip it when no row samples.
-    tokens = jax.lax.cond(jnp.any(temperature > 0), with_sampling, lambda: greedy)
+        drawn = jax.vmap(row)(logits, temperature, top_k, top_p, seed, step)
+        tokens = jnp.where(temperature <= 0, tokens, drawn.astype(jnp.int32))
     if numerics == "invariant":
         logprobs = logits - fixed_order_logsumexp(logits)
     else:
