@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from models.grouped_matmul import BLOCK_K, BLOCK_M, varying_like
+from models.grouped_matmul import BLOCK_K, BLOCK_M, pad_to_row_tiles, varying_like
 
 BLOCK_N = 64
 
@@ -50,8 +50,8 @@ def expand_output(
 def _call(kernel, x, w_kv, out_dims: tuple[int, int], interpret: bool):
     rows = x.shape[0]
     h, n = out_dims
-    padded = pl.cdiv(rows, BLOCK_M) * BLOCK_M  # whole row tiles: the same code for every tile
-    x = jnp.pad(x, ((0, padded - rows), (0, 0), (0, 0))) if padded != rows else x
+    x = pad_to_row_tiles(x)
+    padded = x.shape[0]
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plt

@@ -110,6 +110,15 @@ def varying_like(x: jax.Array, shape: tuple[int, ...], dtype=None) -> jax.ShapeD
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
+def pad_to_row_tiles(x: jax.Array, block: int = BLOCK_M) -> jax.Array:
+    """x with zero rows appended (axis 0) up to whole tiles of `block` rows: every tile then
+    runs the same code, unmasked, so a row's bits never depend on its neighbours."""
+    padded = pl.cdiv(x.shape[0], block) * block
+    if padded == x.shape[0]:
+        return x
+    return jnp.pad(x, ((0, padded - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
 def supported(x_shape: tuple[int, ...], w_shape: tuple[int, ...], block_n: int = BLOCK_N) -> bool:
     """Shapes the kernel tiles exactly (K and N whole blocks, at least one row tile)."""
     (_, k), (_, k2, n) = x_shape, w_shape

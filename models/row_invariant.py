@@ -32,6 +32,7 @@ from models.grouped_matmul import (
     NUM_STAGES,
     NUM_WARPS,
     implementation,
+    pad_to_row_tiles,
     supported,
     varying_like,
 )
@@ -133,10 +134,11 @@ def split_k_matmuls(
     m, k = rows.shape
     dtype = weights[0].dtype
     splits = _splits(k, split_width, max_splits)
-    padded = pl.cdiv(m, BLOCK_M) * BLOCK_M  # whole row tiles: no masks, the same code per tile
-    x = jnp.pad(rows, ((0, padded - m), (0, 0))) if padded != m else rows
+    x = pad_to_row_tiles(rows)
+    padded = x.shape[0]
     widths = [int(w.shape[1]) for w in weights]
-    first_block = np.cumsum([0, *widths]) // block_n  # [weights + 1] column block of each
+    starts = np.cumsum([0, *widths])  # [weights + 1] first output column of each
+    first_block = starts // block_n
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plt
@@ -161,7 +163,6 @@ def split_k_matmuls(
     for s in range(1, splits):  # unrolled: a fixed order
         total = total + partial[s]
     total = total[:m].astype(rows.dtype)
-    starts = np.cumsum([0, *widths])
     return [total[:, starts[i] : starts[i + 1]] for i in range(len(widths))]
 
 
