@@ -20,10 +20,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    copy_gbs,
     decode_step_timer,
     full_batch_decode_inputs,
     model_to_time,
-    read_gbs,
     simulate_devices_unless_gpu,
 )
 
@@ -42,7 +42,7 @@ def parse() -> argparse.Namespace:
         "--hbm-gbs",
         type=float,
         default=0.0,
-        help="HBM read GB/s for the roofline (0: measured on the first device, common.read_gbs)",
+        help="HBM copy GB/s for the roofline (0: measured on the first device, common.copy_gbs)",
     )
     p.add_argument("--json", default="", help="write the results here too")
     p.add_argument(
@@ -113,8 +113,8 @@ def main() -> int:
     if cfg.attention == "mla":
         print(f"# MLA cache: {cfg.mla_cache}", flush=True)
 
-    hbm_gbs = args.hbm_gbs or read_gbs(devices[0])
-    print(f"# roofline over {hbm_gbs:,.0f} GB/s read ({'given' if args.hbm_gbs else 'measured'})")
+    hbm_gbs = args.hbm_gbs or copy_gbs(devices[0])
+    print(f"# roofline over {hbm_gbs:,.0f} GB/s copy ({'given' if args.hbm_gbs else 'measured'})")
     modes = args.numerics.split(",")
     attentions = args.attention.split(",")
     os.environ["ELASTIC_MOE_ATTENTION"] = attentions[0]

@@ -77,16 +77,16 @@ def decode_step_timer(engine, position: int, steps: int, token: int = 0):
     return lambda: median_ms(step, steps, warm=False)
 
 
-def read_gbs(device, megabytes: int = 1024) -> float:
-    """HBM read bandwidth of `device` in GB/s: the roofline's divisor (a decode step's floor is
-    bytes read), measured on the card that is timed as the median of 20 sums of a `megabytes`
-    array. A copy's bandwidth (bytes read + written) came out lower, 2.6 TB/s on an H100, and
-    decode steps beat a floor over it."""
+def copy_gbs(device, megabytes: int = 1024) -> float:
+    """HBM copy bandwidth of `device` in GB/s (bytes read + written): the roofline's divisor,
+    measured on the card that is timed (median of 20 copies of a `megabytes` array). A sum's
+    read rate was lower still on an H100 (2.1 against 2.6 TB/s), so no better read floor was
+    found; decode steps that read all they touch can beat this floor (RESULTS.md)."""
     import jax
     import jax.numpy as jnp
 
     n = megabytes * 2**20 // 4
-    x = jax.device_put(jnp.ones((n,), jnp.float32), device)
-    total = jax.jit(jnp.sum)
-    ms = median_ms(lambda: total(x), 20)
-    return n * 4 / (ms / 1000) / 1e9
+    x = jax.device_put(jnp.zeros((n,), jnp.float32), device)
+    copy = jax.jit(lambda a: a + 1)
+    ms = median_ms(lambda: copy(x), 20)
+    return 2 * n * 4 / (ms / 1000) / 1e9

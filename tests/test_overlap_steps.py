@@ -56,7 +56,7 @@ def common_tokens(model, devices):
     return tuple(int(t) for t in np.argsort(counts)[-3:])
 
 
-@pytest.mark.slow  # overlap_steps is off by default (no GPU gain measured)
+@pytest.mark.slow  # overlap_steps is the default: the abort / fail / rejoin test is in the suite
 def test_same_outputs_with_stop_tokens_and_lengths(model, devices):
     stop = common_tokens(model, devices)
     sync = run(model, devices, overlap=False, stop_ids=stop)
@@ -64,7 +64,6 @@ def test_same_outputs_with_stop_tokens_and_lengths(model, devices):
     assert run(model, devices, overlap=True, stop_ids=stop) == sync
 
 
-@pytest.mark.slow  # overlap_steps is off by default; the stop-token test stays in the suite
 def test_same_outputs_through_abort_fail_and_rejoin(model, devices):
     def script(step, engine, coordinator):
         if step == 3:
