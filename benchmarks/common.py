@@ -77,6 +77,23 @@ def decode_step_timer(engine, position: int, steps: int, token: int = 0):
     return lambda: median_ms(step, steps, warm=False)
 
 
+def back_to_back_ms(engine, position: int, steps: int, token: int = 0) -> float:
+    """Milliseconds per decode step when `steps` full-batch steps are launched one after the
+    other and waited for once: the device's rate when the host keeps ahead of it (a step
+    waited for alone also counts its launch)."""
+    import time
+
+    import jax
+
+    mesh, inputs = engine.mesh, full_batch_decode_inputs(engine, position, token)
+    jax.block_until_ready(mesh.decode(*inputs).tokens)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = mesh.decode(*inputs)
+    jax.block_until_ready(out.tokens)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
 def copy_gbs(device, megabytes: int = 1024) -> float:
     """HBM copy bandwidth of `device` in GB/s (bytes read + written): the roofline's divisor,
     measured on the card that is timed (median of 20 copies of a `megabytes` array). A sum's
