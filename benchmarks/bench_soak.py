@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -273,19 +274,22 @@ async def soak(
                 sent += streams
 
         clients = [asyncio.create_task(client_loop(i)) for i in range(streams)]
+        # Op ids unique to this soak: a server kept for a second soak (the tests share one)
+        # refuses an op id reused for another device.
+        run = f"soak-{uuid.uuid4().hex[:8]}"
         try:
             await first_done.wait()
             result.baseline = sample(0, 0.0)
             for cycle in range(1, cycles + 1):
                 device = fail_order[(cycle - 1) % len(fail_order)]
                 began = time.perf_counter()
-                failed = await client.fail([device], reason="soak", op_id=f"soak-{cycle}-fail")
+                failed = await client.fail([device], reason="soak", op_id=f"{run}-{cycle}-fail")
                 after_fail = serving(await client.mesh_status())
                 if settle_first_round and cycle <= len(fail_order):
                     meshes = server.one_loss_meshes(after_fail)
                     await asyncio.to_thread(server.wait_until_warm, meshes)
                 await asyncio.sleep(dwell_s)
-                back = await client.rejoin([device], op_id=f"soak-{cycle}-rejoin")
+                back = await client.rejoin([device], op_id=f"{run}-{cycle}-rejoin")
                 after_rejoin = serving(await client.mesh_status())
                 await asyncio.sleep(dwell_s)
                 result.cycles.append(
