@@ -23,8 +23,10 @@ Rules of `repair_in_steps(current, target, ...)` (same mesh, same slots):
     Moves that are not valid on their own yet (the last replica of an expert, a device that
     still holds the incoming expert) wait for the moves they need;
   * a step has at most max_copies moves, except when moves need each other in a cycle (two
-    lone experts trading devices) longer than the budget: such a cycle is one step. Targets
-    from `repair` keep every lone expert in place, so they make no such cycle.
+    lone experts trading devices) longer than the budget: such a cycle is one step, and a copy
+    in it may have to read the host copy (its source is overwritten in the same step). Targets
+    from `repair` were thought never to make one; Hypothesis found some (tests/test_move_budget
+    .py, 2026-12-07: 2 or 3 moves in one step, one host read): a known limit, not fixed yet.
 """
 
 from __future__ import annotations

@@ -61,14 +61,58 @@ def test_restore_orphans_moves_only_the_orphans(case):
         assert np.array_equal(fast.phy2log, new.phy2log)
 
 
+LOAD_A = np.array(
+    [
+        [26.16121342, 29.84911434, 81.42257406, 9.19159421, 60.0100526, 72.85605268],
+        [68.30648223, 39.16248331, 18.72525697, 34.59606656, 51.10659736, 89.12094095],
+    ]
+)
+LOAD_B = np.array(
+    [
+        [18.79010734, 5.51466273, 27.49693679, 65.74330149, 56.22656628, 15.00622633],
+        [77.55639425, 31.81466006, 92.42168965, 47.09098854, 69.37588422, 10.72073085],
+    ]
+)
+LOAD_C = np.array(
+    [
+        [43.26307908, 66.92972986, 42.27846733, 63.31843993, 96.74359525],
+        [10.45435584, 20.19074475, 88.44496737, 67.98114615, 84.92363236],
+    ]
+)
+# A CI run's counterexamples (2026-12-07): 17 experts, 8 devices x 3 slots, device 0 lost.
+LOAD_17 = np.concatenate([LOAD_A, LOAD_B, LOAD_C], axis=1)
+
+
+def forced_cycle(prev, target) -> bool:
+    """No pending move of prev -> target is valid on its own (each would take an expert's
+    last replica, put an expert twice on a device or over max_replicas): only moves taken
+    together can go on."""
+    s, width = prev.slots_per_device, target.max_replicas
+    for layer, q in np.argwhere(prev.phy2log != target.phy2log):
+        row = prev.phy2log[layer]
+        a, b = row[q], target.phy2log[layer, q]
+        count = np.bincount(row, minlength=prev.num_experts)
+        on_device = row[(q // s) * s : (q // s + 1) * s]
+        if count[a] >= 2 and b not in on_device and count[b] < width:
+            return False
+    return True
+
+
 @SETTINGS
 @given(losses(), st.integers(1, 6), st.sampled_from(LOAD_KINDS), st.integers(0, 99))
 # Found by CI: lone experts 1 and 5 swap slots on devices 1 and 2 after a third slot takes a
 # replica of 1; the three moves were valid together but the swap could only read itself.
 @example(((make_load("random", 1, 18, 0), 6, 5, 2, "auto"), [1, 3, 4, 5]), 4, "uniform", 0)
+# Found by CI: targets of `repair` where lone experts trade slots (a forced cycle).
+@example(((LOAD_17[:1], 8, 3, 2, "auto"), [1, 2, 3, 4, 5, 6, 7]), 1, "random", 3)
+@example(((LOAD_17, 8, 3, 2, "auto"), [1, 2, 3, 4, 5, 6, 7]), 2, "random", 35)
+@example(((LOAD_17, 8, 3, 2, "auto"), [1, 2, 3, 4, 5, 6, 7]), 2, "random", 17)
 def test_budgeted_repair_steps_are_valid_within_budget_and_end_at_the_target(
     case, budget, kind, seed
 ):
+    """Every step valid, no detours, the target at the end; within the budget and with no
+    host read, except a step of moves that need each other (a forced cycle: no pending move
+    was valid alone), which may exceed the budget and read the host copy."""
     old, keep, load, max_replicas, policy = before_loss(case)
     current = restore_orphans(old, keep, load, max_replicas)
     new_load = make_load(kind, *load.shape, seed)  # the load moved on as well
@@ -76,17 +120,20 @@ def test_budgeted_repair_steps_are_valid_within_budget_and_end_at_the_target(
     target = repair(current, identity, new_load, max_replicas, policy=policy)
     steps = repair_in_steps(current, target, new_load, budget)
     differ = int((current.phy2log != target.phy2log).sum())
-    assert len(steps) >= -(-differ // budget)
-    prev, total = current, 0
+    prev, total, in_cycles, cycle_steps = current, 0, 0, 0
     for step in steps:
         step.validate()  # every expert served, distinct devices, counts within max_replicas
         moved = step.phy2log != prev.phy2log
-        assert 1 <= moved.sum() <= budget
         assert (step.phy2log[moved] == target.phy2log[moved]).all()  # no detours
         plan = plan_transfers(prev, step, identity)
-        assert plan.experts_from_host == 0  # a live replica to copy from, always
+        if forced_cycle(prev, target):
+            in_cycles, cycle_steps = in_cycles + int(moved.sum()), cycle_steps + 1
+        else:
+            assert 1 <= moved.sum() <= budget
+            assert plan.experts_from_host == 0  # a live replica to copy from
         total += int(moved.sum())
         prev = step
+    assert len(steps) - cycle_steps >= -(-(differ - in_cycles) // budget)
     assert total == differ
     assert np.array_equal(prev.phy2log, target.phy2log) if steps else differ == 0
 
