@@ -81,6 +81,12 @@ def back_to_back_ms(engine, position: int, steps: int, token: int = 0) -> float:
     """Milliseconds per decode step when `steps` full-batch steps are launched one after the
     other and waited for once: the device's rate when the host keeps ahead of it (a step
     waited for alone also counts its launch)."""
+    return back_to_back(engine, position, steps, token)[1]
+
+
+def back_to_back(engine, position: int, steps: int, token: int = 0) -> tuple[float, float]:
+    """(ms per step to launch, ms per step to finish) of `steps` full-batch decode steps
+    launched one after the other and waited for once, after one warm step."""
     import time
 
     import jax
@@ -90,8 +96,10 @@ def back_to_back_ms(engine, position: int, steps: int, token: int = 0) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         out = mesh.decode(*inputs)
+    launched = time.perf_counter() - start
     jax.block_until_ready(out.tokens)
-    return 1000 * (time.perf_counter() - start) / steps
+    done = time.perf_counter() - start
+    return 1000 * launched / steps, 1000 * done / steps
 
 
 def copy_gbs(device, megabytes: int = 1024) -> float:
