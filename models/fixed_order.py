@@ -54,6 +54,13 @@ def fixed_order_contract(
     return fixed_order_sum(product)[..., 0]
 
 
+def fixed_order_matmul(x: Float[Array, "... k"], w: Float[Array, "k n"]) -> Float[Array, "... n"]:
+    """x @ w with each output summed by `fixed_order_contract` (float32 math, x's dtype out):
+    a row's result depends on that row alone. For the CPU (row_invariant.matmuls)."""
+    out = fixed_order_contract(x[..., None, :], w.T)
+    return out.astype(jnp.result_type(x.dtype, w.dtype))
+
+
 def fixed_order_einsum(spec: str, x: Array, y: Array) -> Float[Array, "..."]:
     """jnp.einsum(spec, x, y) over one summed index, in float32 and fixed order: both operands
     are laid out as the output's indices then the summed one (size-1 axes where an operand

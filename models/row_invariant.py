@@ -8,8 +8,11 @@ re-prefilled in a step of 512 rows came out different. Inside `row_invariant_mat
 model enters it for numerics="invariant"), `Dense` projections on the GPU run the project's
 split-K Pallas kernel: one fixed tiling for every row count (K cut into splits set by K
 alone, added in a fixed order), so a row's bits depend only on the row and the weights.
-Elsewhere (CPU, where XLA's dots were measured row-invariant, or shapes the kernel does not
-tile) it is a plain `x @ w`.
+Off the GPU the same context computes each product in a fixed order of elementwise adds
+(models.fixed_order): XLA's CPU dots are not row-invariant either (measured, JAX 0.12.1, float32:
+a [k, n] product's row changed bits between 1 row and 64 for most k <= 256 and n <= 96, among
+them the router's [64, 8], so a re-prefilled token's logprob moved by an ulp). Shapes the GPU
+kernel does not tile are a plain `x @ w`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from models.fixed_order import fixed_order_matmul
 from models.grouped_matmul import (
     BLOCK_K,
     BLOCK_M,
@@ -89,6 +93,8 @@ def matmul(x: Float[Array, "... k"], w: Float[Array, "k n"]) -> Float[Array, "..
 def matmuls(x: Float[Array, "... k"], weights: Sequence[Array]) -> list[Array]:
     """[x @ w for w in weights]; inside `row_invariant_matmuls()` on the GPU, one kernel call
     for all of them (q, k and v of one input: one launch instead of three)."""
+    if _ENABLED.get() and jax.default_backend() != "gpu":
+        return [fixed_order_matmul(x, w) for w in weights]
     if not _use_kernel(x, weights):
         return [x @ w for w in weights]
     outs = split_k_matmuls(x.reshape(-1, x.shape[-1]), weights)
@@ -201,6 +207,10 @@ def lm_head_logits(
 ) -> Float[Array, "*rows vocab"]:
     """Logits in float32. XLA's float32 GEMM kept each row's bits for 1, 16 and 128 rows on an
     H200 (probe_row_invariance.py), and a re-prefill matched decode with the LM head through
-    the kernel or not (probe_reprefill.py), so the LM head stays an XLA dot. (The head is
-    float32 in the models here: it streams at about 4.1 TB/s, profile in RESULTS.md.)"""
-    return x.astype(jnp.float32) @ head.astype(jnp.float32)
+    the kernel or not (probe_reprefill.py), so the LM head stays an XLA dot there. (The head is
+    float32 in the models here: it streams at about 4.1 TB/s, profile in RESULTS.md.) Off the
+    GPU, inside row_invariant_matmuls(), in a fixed order (the module docstring says why)."""
+    x, head = x.astype(jnp.float32), head.astype(jnp.float32)
+    if _ENABLED.get() and jax.default_backend() != "gpu":
+        return fixed_order_matmul(x, head)
+    return x @ head

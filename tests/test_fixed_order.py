@@ -48,3 +48,32 @@ def test_rejects_what_it_cannot_order():
     x = jnp.ones((2, 3))
     with pytest.raises(ValueError, match="one summed index"):
         fixed_order_einsum("ab,ab->", x, x)  # two summed indices
+
+
+# Dense projections off the GPU (models.row_invariant.matmuls): XLA's CPU float32 dot gave a row
+# other bits among 64 rows than alone for the router's [64, 8] (JAX 0.12.1), which moved a
+# re-prefilled token's logprob by an ulp.
+@pytest.mark.parametrize("k,n", [(64, 8), (32, 96), (64, 256)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_dense_row_keeps_its_bits_among_more_rows(k, n, dtype):
+    from models.row_invariant import lm_head_logits, matmul, row_invariant_matmuls
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((128, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)), dtype)
+
+    def project(x, w):
+        with row_invariant_matmuls():
+            return matmul(x, w), lm_head_logits(x, w)
+
+    run = jax.jit(project)
+    alone = [np.asarray(out[0]) for out in run(x[:1], w)]
+    for rows in (3, 16, 64, 128):
+        for got, want in zip(run(x[:rows], w), alone, strict=True):
+            assert np.array_equal(np.asarray(got)[0], want), rows
+    np.testing.assert_allclose(
+        np.asarray(run(x, w)[0], np.float32),
+        np.asarray(x.astype(jnp.float32) @ w.astype(jnp.float32)),
+        rtol=2e-2 if dtype == jnp.bfloat16 else 1e-5,
+        atol=2e-2 if dtype == jnp.bfloat16 else 1e-5,
+    )
