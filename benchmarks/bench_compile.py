@@ -1,14 +1,18 @@
 """Compile seconds of one mesh's programs against the layer count (no weights needed).
 
   python benchmarks/bench_compile.py --preset qwen3-30b-a3b --devices 2 --layers 1,2,4,8
+  python benchmarks/bench_compile.py --preset deepseek-v3 --devices 2 --layers 4,16,61 \
+      --modes layer
   python benchmarks/bench_compile.py --preset tiny-mixtral --devices 8 --layers 1,2,4
 
 A mesh the standby compiles have not reached costs these seconds on the critical path of a
 recovery, and each failure's standby set is one such compile per surviving mesh. For each
-layer count this lowers and compiles, from abstract shapes, the decode program and the prefill
-program at one prompt length, and prints trace+lower and compile seconds of each, then the
-seconds each added layer costs (a least-squares slope). A program whose compile time grew with
-depth would show here; a flat one (layers under a scan) would not.
+layer count and each program form (`--modes`: "step", one program with every layer unrolled;
+"layer", one program per layer kind chained per step, elastic_moe/layer_programs.py) this
+builds, from abstract shapes, what a mesh compiles before it serves: the decode program and
+the prefill program at one prompt length (with their sampling programs), and prints the
+seconds of each (trace, lower and compile), then the seconds each added layer costs (a
+least-squares slope). The unrolled form grows with depth; the chained one should not.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--prompt-length", type=int, default=32, help="the prefill program's length")
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--numerics", default="invariant", choices=["invariant", "fast"])
+    p.add_argument("--modes", default="step,layer", help="comma list of step, layer")
     return p.parse_args()
 
 
@@ -48,47 +53,46 @@ def main() -> int:
     devices = jax.devices()[: args.devices]
     base = get_preset(args.preset)
     print(f"# {base.name} on {len(devices)} x {devices[0].device_kind}, jax {jax.__version__}")
-    print("layers | decode lower s | decode compile s | prefill lower s | prefill compile s")
-    counts, totals = [], []
+    modes = args.modes.split(",")
+    if set(modes) - {"step", "layer"}:
+        raise SystemExit(f"--modes takes step and layer, got {args.modes!r}")
+    print("mode  | layers | decode s | prefill s | both s")
+    counts: dict[str, list[int]] = {m: [] for m in modes}
+    totals: dict[str, list[float]] = {m: [] for m in modes}
     for layers in [int(n) for n in args.layers.split(",")]:
         changes = dict(num_layers=layers, max_seq_len=args.max_seq_len)
         if base.first_dense_layers >= layers:  # keep one MoE layer at least
             changes["first_dense_layers"] = layers - 1
         cfg = base.replace(**changes)
-        geometry = StepGeometry(
-            num_devices=len(devices),
-            expert_slots_per_device=-(-cfg.num_experts // len(devices)),
-            request_slots_per_device=args.batch_per_device,
-            prefill_rows_per_device=args.prefill_rows_per_device,
-            max_replicas=1,
-            numerics=args.numerics,
-        )
-        programs = MeshPrograms(cfg, build_mesh(devices), geometry)
-        start = time.perf_counter()
-        lowered = programs.decode.lower(*programs.abstract_decode_args())
-        decode_lower = time.perf_counter() - start
-        start = time.perf_counter()
-        lowered.compile()
-        decode_compile = time.perf_counter() - start
-        start = time.perf_counter()
-        lowered = programs.prefill.lower(*programs.abstract_prefill_args(args.prompt_length))
-        prefill_lower = time.perf_counter() - start
-        start = time.perf_counter()
-        lowered.compile()
-        prefill_compile = time.perf_counter() - start
-        print(
-            f"{layers:6d} | {decode_lower:14.2f} | {decode_compile:16.2f} | "
-            f"{prefill_lower:15.2f} | {prefill_compile:17.2f}",
-            flush=True,
-        )
-        counts.append(layers)
-        totals.append(decode_lower + decode_compile + prefill_lower + prefill_compile)
-    if len(counts) > 1:
-        slope, intercept = np.polyfit(counts, totals, 1)
-        print(
-            f"both programs: {intercept:.2f} s + {slope:.2f} s per layer "
-            f"(at 61 layers, DeepSeek-V3's depth: {intercept + 61 * slope:.0f} s per mesh)"
-        )
+        for mode in modes:
+            geometry = StepGeometry(
+                num_devices=len(devices),
+                expert_slots_per_device=-(-cfg.num_experts // len(devices)),
+                request_slots_per_device=args.batch_per_device,
+                prefill_rows_per_device=args.prefill_rows_per_device,
+                max_replicas=1,
+                numerics=args.numerics,
+                layer_programs=mode == "layer",
+            )
+            programs = MeshPrograms(cfg, build_mesh(devices), geometry)
+            start = time.perf_counter()
+            programs.compile_decode()
+            decode = time.perf_counter() - start
+            start = time.perf_counter()
+            programs.compile_prefill(args.prompt_length)
+            prefill = time.perf_counter() - start
+            both = decode + prefill
+            row = f"{mode:5} | {layers:6d} | {decode:8.2f} | {prefill:9.2f} | {both:6.2f}"
+            print(row, flush=True)
+            counts[mode].append(layers)
+            totals[mode].append(decode + prefill)
+    for mode in modes:
+        if len(counts[mode]) > 1:
+            slope, intercept = np.polyfit(counts[mode], totals[mode], 1)
+            print(
+                f"{mode}: both programs {intercept:.2f} s + {slope:.3f} s per layer "
+                f"(at 61 layers, DeepSeek-V3's depth: {intercept + 61 * slope:.0f} s per mesh)"
+            )
     return 0
 
 

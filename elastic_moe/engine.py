@@ -78,6 +78,11 @@ class EngineOptions:
     # to 97% of the device's tokens/s, once no conditional in the step made the launch wait
     # for it (benchmarks/RESULTS.md).
     overlap_steps: bool = True
+    # One compiled program per layer kind, chained per step, instead of one program with every
+    # layer unrolled: a mesh's compile time stops growing with depth (the standby compiles of
+    # a deep model, and a cold compile on a recovery's path), for one launch per layer.
+    # elastic_moe/layer_programs.py; measured in benchmarks/RESULTS.md.
+    layer_programs: bool = False
 
     def __post_init__(self) -> None:
         if self.replica_routing not in ("auto", "primary", "spread"):
@@ -145,6 +150,7 @@ class Engine:
                 prefill_rows_per_device=options.prefill_rows_per_device,
                 max_replicas=max_replicas,
                 numerics=options.numerics,
+                layer_programs=options.layer_programs,
             )
 
         self.executables = ExecutableCache(cfg, geometry_for)

@@ -7,17 +7,19 @@ back). The placement tables are inputs, so one executable serves every placement
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int, UInt32
 
+from elastic_moe.layer_programs import LayerChain, LayerPrograms
+from elastic_moe.step_io import Sampling, StepOutput
 from mesh.device_mesh import EXPERT_AXIS
 from mesh.sharding import BATCH, REPLICATED, named, param_specs
 from models.config import ModelConfig
@@ -25,24 +27,6 @@ from models.kv_cache import LayerCache, cache_shapes, empty_cache
 from models.moe import NUMERICS_MODES
 from models.params import abstract_params, logical_axes, model_graph
 from models.sampling import sample
-
-
-class Sampling(NamedTuple):
-    """Per-row sampling state: `step` is the index of the token to produce in its request."""
-
-    temperature: Float[Array, " b"]
-    top_k: Int[Array, " b"]
-    top_p: Float[Array, " b"]
-    seed: UInt32[Array, " b"]
-    step: Int[Array, " b"]
-
-
-class StepOutput(NamedTuple):
-    tokens: Int[Array, " b"]
-    logprobs: Float[Array, " b"]
-    logits: Float[Array, "b vocab"]
-    cache: list[LayerCache]
-    expert_load: Int[Array, "moe_layers experts"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +39,9 @@ class StepGeometry:
     prefill_rows_per_device: int
     max_replicas: int
     numerics: str = "invariant"  # one of NUMERICS_MODES (models.moe)
+    # One program per layer kind, chained per step (elastic_moe.layer_programs): compile time
+    # flat in depth, one launch per layer. False: one program per step, layers unrolled.
+    layer_programs: bool = False
 
     def __post_init__(self) -> None:
         if self.numerics not in NUMERICS_MODES:
@@ -153,6 +140,7 @@ class MeshPrograms:
             )
         )
         self._compiled: dict[Any, Any] = {}
+        self._layer_programs: dict[bool, LayerPrograms] = {}  # by decode (True) / prefill
         # Standby compiles run on a background thread; a foreground caller waits for them.
         self._compile_lock = threading.Lock()
 
@@ -203,10 +191,33 @@ class MeshPrograms:
 
     def _compile_decode(self):
         if "decode" not in self._compiled:
-            lowered = self.decode.lower(*self.abstract_decode_args())
-            self._compile_draw(lowered.out_info.logits)
-            self._compiled["decode"] = lowered.compile()
+            if self.geometry.layer_programs:
+                self._compiled["decode"] = self._compile_chain(True, self.abstract_decode_args)
+            else:
+                lowered = self.decode.lower(*self.abstract_decode_args())
+                self._compile_draw(lowered.out_info.logits)
+                self._compiled["decode"] = lowered.compile()
         return self._compiled["decode"]
+
+    def _compile_chain(self, decode: bool, abstract_args) -> LayerChain:
+        """The step as per-layer programs (StepGeometry.layer_programs)."""
+        if decode not in self._layer_programs:
+            self._layer_programs[decode] = LayerPrograms(
+                self.cfg,
+                self.mesh,
+                self.param_specs,
+                self.geometry.numerics,
+                Sampling(*([BATCH] * 5)),
+                decode,
+            )
+
+        def abstract() -> tuple:
+            args = abstract_args()
+            return (*args[:6], None, None, args[6]) if decode else args
+
+        chain = self._layer_programs[decode].compile(abstract)
+        self._compile_draw(chain.logits_info)
+        return chain
 
     def _compile_draw(self, logits: jax.ShapeDtypeStruct) -> None:
         """The sampling program for the logits of a decode or prefill (compiled with it, so a
@@ -246,6 +257,10 @@ class MeshPrograms:
     def _compile_prefill(self, length: int):
         key = ("prefill", length)
         if key not in self._compiled:
+            if self.geometry.layer_programs:
+                args = functools.partial(self.abstract_prefill_args, length)
+                self._compiled[key] = self._compile_chain(False, args)
+                return self._compiled[key]
             lowered = self.prefill.lower(*self.abstract_prefill_args(length))
             self._compile_draw(lowered.out_info.logits)
             self._compiled[key] = lowered.compile()

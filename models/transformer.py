@@ -37,6 +37,33 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.dense_d_ff, rngs=rngs, dtype=cfg.dtype)
 
+    def __call__(
+        self,
+        x: Float[Array, "b c d"],
+        positions: Int[Array, "b c"],
+        cache: LayerCache,
+        rows: Int[Array, " b"] | None,
+        tables: ExpertTables | None,
+        token_ids: Int[Array, " bc"],
+        axis_name: str | None,
+        numerics: str,
+    ) -> tuple[Float[Array, "b c d"], LayerCache, Int[Array, " experts"] | None]:
+        """The residual stream after this layer, its updated cache and (MoE layers) the
+        expert loads. `tables` places this layer's experts (None for a dense layer)."""
+        b, c, _ = x.shape
+        with jax.named_scope("norm"):
+            h = self.attn_norm(x, numerics)
+        with jax.named_scope("attention"):
+            h, cache = self.attn(h, positions, cache, rows, numerics)
+        x = x + h
+        with jax.named_scope("norm"):
+            h = self.mlp_norm(x, numerics)
+        if not self.is_moe:
+            return x + self.mlp(h), cache, None
+        valid: Bool[Array, " bc"] = (positions < cache.k.shape[2]).reshape(-1)
+        flat, load = self.mlp(h.reshape(b * c, -1), tables, token_ids, valid, axis_name, numerics)
+        return x + flat.reshape(b, c, -1), cache, load
+
 
 class MoETransformer(nnx.Module):
     """Embedding, decoder layers (dense first layers, then MoE), final norm and LM head."""
@@ -78,36 +105,40 @@ class MoETransformer(nnx.Module):
         every reduction.
         Tokens at positions >= max_seq_len are padding: they are not cached or counted.
         """
-        cfg = self.cfg
-        b, c = tokens.shape
-        valid: Bool[Array, " bc"] = (positions < cache[0].k.shape[2]).reshape(-1)
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = self.embed_tokens(tokens)
         new_cache, loads = [], []
         for i, layer in enumerate(self.layers):
-            with jax.named_scope("norm"):
-                h = layer.attn_norm(x, numerics)
-            with jax.named_scope("attention"):
-                h, layer_cache = layer.attn(h, positions, cache[i], rows, numerics)
+            j = i - self.cfg.first_dense_layers
+            tables = ExpertTables(log2phy[j], replica_count[j]) if layer.is_moe else None
+            x, layer_cache, load = layer(
+                x, positions, cache[i], rows, tables, token_ids, axis_name, numerics
+            )
             new_cache.append(layer_cache)
-            x = x + h
-            with jax.named_scope("norm"):
-                h = layer.mlp_norm(x, numerics)
-            if layer.is_moe:
-                j = i - cfg.first_dense_layers
-                tables = ExpertTables(log2phy[j], replica_count[j])
-                flat, load = layer.mlp(
-                    h.reshape(b * c, -1), tables, token_ids, valid, axis_name, numerics
-                )
+            if load is not None:
                 loads.append(load)
-                h = flat.reshape(b, c, -1)
-            else:
-                h = layer.mlp(h)
-            x = x + h
-        if last_index is not None:
-            x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
-        with jax.named_scope("norm"):
-            last = self.final_norm(x, numerics)
+        return self.head(x, last_index, numerics), new_cache, jnp.stack(loads)
+
+    def embed_tokens(self, tokens: Int[Array, "b c"]) -> Float[Array, "b c d"]:
+        return jnp.take(self.embed[...], tokens, axis=0)
+
+    def head(
+        self, x: Float[Array, "b c d"], last_index: Int[Array, " b"] | None, numerics: str
+    ) -> Float[Array, "b ..."]:
         head = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        with jax.named_scope("lm_head"):
-            logits = lm_head_logits(last, head)
-        return logits, new_cache, jnp.stack(loads)
+        return output_logits(self.final_norm, head, x, last_index, numerics)
+
+
+def output_logits(
+    final_norm: RMSNorm,
+    head: Float[Array, "d vocab"],
+    x: Float[Array, "b c d"],
+    last_index: Int[Array, " b"] | None,
+    numerics: str,
+) -> Float[Array, "b ..."]:
+    """Logits of token `last_index[i]` of each row ([b, vocab]), or of every token (None)."""
+    if last_index is not None:
+        x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
+    with jax.named_scope("norm"):
+        last = final_norm(x, numerics)
+    with jax.named_scope("lm_head"):
+        return lm_head_logits(last, head)

@@ -226,6 +226,14 @@ def _add_engine_options(parser: argparse.ArgumentParser, devices_help: str) -> N
         "token, even in bf16; fast: the devices' partial sums are added by a reduce-scatter "
         "(the order follows the mesh, so in bf16 tokens may change with it)",
     )
+    parser.add_argument(
+        "--layer-programs",
+        action="store_true",
+        help="compile one program per layer kind and chain them each step, instead of one "
+        "program with every layer unrolled: a mesh's compile time stops growing with depth "
+        "(deep models: the standby compiles of every mesh one failure away, and any compile "
+        "on a recovery's path), for one launch per layer; same tokens",
+    )
 
 
 def _workers(text: str) -> int | str:

@@ -93,6 +93,7 @@ def deploy_workers(args: argparse.Namespace, console, progress) -> tuple[Any, An
             redundant_experts=redundant,
             placement=args.placement,
             numerics=args.numerics,
+            layer_programs=args.layer_programs,
         )
     except ValueError as error:
         raise CliError(str(error)) from None

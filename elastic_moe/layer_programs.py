@@ -1,0 +1,210 @@
+"""A step as a chain of programs, one per layer, so that a mesh's compile does not grow with depth.
+
+The whole-step program (elastic_moe.steps) unrolls every layer, and XLA's compile time grows
+with it: 1.2-1.3 s per layer and mesh on a 2-core CPU (DeepSeek-V3's 61 layers: 86 s per mesh,
+benchmarks/RESULTS.md). Here a step runs an embedding program, then one program per decoder
+layer, then a head program that also picks the tokens. Layers of one kind (dense or MoE, and
+gpt-oss's sliding window) have the same shapes and share one executable, so a mesh compiles
+a handful of small programs whatever the depth, and the standby compiles of every mesh one
+failure away stay cheap. What it costs: one launch per layer instead of one per step, and no
+fusion across a layer boundary; `StepGeometry.layer_programs` chooses.
+
+A MoE layer program finds its placement tables by a layer index held on the devices (one
+replicated int32 per MoE layer), so that one executable serves every MoE layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from elastic_moe.step_io import StepOutput
+from mesh.device_mesh import EXPERT_AXIS
+from mesh.sharding import BATCH, REPLICATED
+from models.config import ModelConfig
+from models.kv_cache import LayerCache
+from models.moe import ExpertTables
+from models.row_invariant import row_invariant_matmuls
+from models.sampling import sample
+from models.transformer import MoETransformer, output_logits
+
+LayerKind = tuple[bool, int | None]  # (is MoE, sliding window)
+
+
+def layer_kind(cfg: ModelConfig, index: int) -> LayerKind:
+    """Layers of one kind run the same program."""
+    window = cfg.window_of_layer(index) if cfg.attention_sinks else None
+    return index >= cfg.first_dense_layers, window
+
+
+def _graphs(cfg: ModelConfig) -> tuple[dict[LayerKind, nnx.GraphDef], nnx.GraphDef]:
+    """The graph of one decoder layer of each kind, and of the final norm."""
+    model = nnx.eval_shape(lambda: MoETransformer(cfg, cfg.num_experts, rngs=nnx.Rngs(0)))
+    layers: dict[LayerKind, nnx.GraphDef] = {}
+    for i, layer in enumerate(model.layers):
+        layers.setdefault(layer_kind(cfg, i), nnx.split(layer)[0])
+    return layers, nnx.split(model.final_norm)[0]
+
+
+def head_params(params: dict) -> dict:
+    """What the head program reads: the final norm and the LM head (or the tied embedding,
+    [vocab, d], transposed in the program as the whole step does)."""
+    head = params["lm_head"]["kernel"] if params.get("lm_head") else params["embed"]
+    return {"final_norm": params["final_norm"], "head": head}
+
+
+class LayerPrograms:
+    """The jit-wrapped embedding, layer and head programs of one mesh, for decode (rows=None)
+    or prefill. `chain(compiled)` gives the callable the whole-step program would be."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mesh: Mesh,
+        param_specs: dict,
+        numerics: str,
+        sampling_spec: Any,
+        decode: bool,
+    ):
+        self.cfg, self.mesh, self.decode = cfg, mesh, decode
+        layer_graphs, norm_graph = _graphs(cfg)
+        self.kinds = [layer_kind(cfg, i) for i in range(cfg.num_layers)]
+        rows_spec = None if decode else BATCH
+        invariant = numerics == "invariant"
+
+        def embed(embedding, tokens, positions):
+            if decode:
+                tokens, positions = tokens[:, None], positions[:, None]
+            return jnp.take(embedding, tokens, axis=0), positions
+
+        self.embed = jax.jit(
+            jax.shard_map(
+                embed,
+                mesh=mesh,
+                in_specs=(param_specs["embed"], BATCH, BATCH),
+                out_specs=(BATCH, BATCH),
+            )
+        )
+
+        def layer_program(kind: LayerKind) -> Callable:
+            graph = layer_graphs[kind]
+            is_moe = kind[0]
+
+            def run(params, cache, log2phy, replica_count, j, x, positions, rows):
+                layer = nnx.merge(graph, params)
+                b, c, _ = x.shape
+                first = jax.lax.axis_index(EXPERT_AXIS) * b * c
+                token_ids = first + jnp.arange(b * c, dtype=jnp.int32)
+                tables = ExpertTables(log2phy[j], replica_count[j]) if is_moe else None
+                with row_invariant_matmuls(invariant):
+                    x, cache, load = layer(
+                        x, positions, cache, rows, tables, token_ids, EXPERT_AXIS, numerics
+                    )
+                return x, cache, load
+
+            index = self.kinds.index(kind)
+            in_specs = (param_specs["layers"][index], LayerCache(BATCH, BATCH), P(), P(), P())
+            out_specs = (BATCH, LayerCache(BATCH, BATCH), REPLICATED if is_moe else None)
+            return jax.jit(
+                jax.shard_map(
+                    run,
+                    mesh=mesh,
+                    in_specs=(*in_specs, BATCH, BATCH, rows_spec),
+                    out_specs=out_specs,
+                ),
+                donate_argnums=(1,),
+            )
+
+        self.layers = {kind: layer_program(kind) for kind in dict.fromkeys(self.kinds)}
+
+        def head(params, x, last, sampling, loads):
+            if decode:
+                last = jnp.zeros(x.shape[0], jnp.int32)
+            final_norm = nnx.merge(norm_graph, params["final_norm"])
+            with row_invariant_matmuls(invariant):
+                head = params["head"].T if cfg.tie_embeddings else params["head"]
+                logits = output_logits(final_norm, head, x, last, numerics)
+            with jax.named_scope("sampling"):
+                tokens, logprobs = sample(logits, *sampling, numerics, draw=False)
+            return tokens, logprobs, logits, jnp.stack(loads)
+
+        head_specs = head_params(param_specs)
+        loads_spec = [REPLICATED] * cfg.num_moe_layers
+        self.head = jax.jit(
+            jax.shard_map(
+                head,
+                mesh=mesh,
+                in_specs=(head_specs, BATCH, rows_spec, sampling_spec, loads_spec),
+                out_specs=(BATCH, BATCH, BATCH, REPLICATED),
+            )
+        )
+        self._layer_index = None  # device-resident MoE layer indices, made at the first call
+
+    def compile(self, abstract: Callable[..., tuple]) -> LayerChain:
+        """Lowers and compiles every program from the abstract arguments of the whole step
+        (`abstract()` returns params, cache, log2phy, replica_count, tokens, positions, rows,
+        last, sampling as jax.ShapeDtypeStructs)."""
+        params, cache, log2phy, counts, tokens, positions, rows, last, sampling = abstract()
+        embed = self.embed.lower(params["embed"], tokens, positions)
+        x, pos = embed.out_info
+        embed = embed.compile()
+        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(self.mesh, P()))
+        layers, loads = {}, []
+        for kind, program in self.layers.items():
+            i = self.kinds.index(kind)
+            lowered = program.lower(
+                params["layers"][i], cache[i], log2phy, counts, index, x, pos, rows
+            )
+            layers[kind] = lowered.compile()
+            if kind[0]:
+                loads = [lowered.out_info[2]] * self.cfg.num_moe_layers
+        head = self.head.lower(head_params(params), x, last, sampling, loads)
+        return LayerChain(self, embed, layers, head.compile(), head.out_info[2])
+
+    def layer_index(self) -> list[jax.Array]:
+        if self._layer_index is None:
+            replicated = NamedSharding(self.mesh, P())
+            self._layer_index = [
+                jax.device_put(np.int32(j), replicated) for j in range(self.cfg.num_moe_layers)
+            ]
+        return self._layer_index
+
+
+class LayerChain:
+    """The compiled programs of a step, called like the whole-step executable: decode takes
+    (params, cache, log2phy, replica_count, tokens, positions, sampling), prefill adds rows
+    and last before sampling. Returns a StepOutput."""
+
+    def __init__(self, programs: LayerPrograms, embed, layers: dict, head, logits_info):
+        self.programs, self.embed, self.layers, self.head = programs, embed, layers, head
+        self.logits_info = logits_info  # shape, dtype and sharding of the step's logits
+
+    def __call__(self, params, cache, log2phy, replica_count, tokens, positions, *rest):
+        rows, last, sampling = (None, None, *rest) if self.programs.decode else rest
+        x, pos = self.embed(params["embed"], tokens, positions)
+        index = self.programs.layer_index()
+        first_moe = self.programs.cfg.first_dense_layers
+        new_cache, loads = [], []
+        for i, kind in enumerate(self.programs.kinds):
+            j = index[i - first_moe] if kind[0] else index[0]
+            x, layer_cache, load = self.layers[kind](
+                params["layers"][i], cache[i], log2phy, replica_count, j, x, pos, rows
+            )
+            new_cache.append(layer_cache)
+            if load is not None:
+                loads.append(load)
+        tokens, logprobs, logits, expert_load = self.head(
+            head_params(params), x, last, sampling, loads
+        )
+        return StepOutput(tokens, logprobs, logits, new_cache, expert_load)
+
+    def as_text(self) -> str:
+        """Every program's HLO, one after another."""
+        return "\n".join(c.as_text() for c in (self.embed, *self.layers.values(), self.head))
