@@ -224,7 +224,9 @@ def main() -> int:
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(14)
         for rid in list(engine.running) + list(engine.waiting):
             engine.abort(rid)
-        floor_ms = roofline_ms(cfg, engine, hbm_gbs, live_tokens=args.context + 1)
+        floor_ms = roofline_ms(
+            cfg, engine, hbm_gbs, args.context + 1, experts_touched(engine, args.context)
+        )
         return dict(
             variant=name,
             devices=len(engine.mesh.devices),
@@ -271,11 +273,22 @@ def main() -> int:
     return 0
 
 
-def roofline_ms(cfg, engine, hbm_gbs: float, live_tokens: int) -> float:
+def experts_touched(engine, position: int) -> int:
+    """(layer, expert) pairs the timed decode step routes at least one token to, counted from
+    the step's own expert loads: the synthetic weights route far from uniformly (on one H100,
+    mixtral and deepseek-v3 shapes ran faster than a floor that assumed uniform routing)."""
+    import numpy as np
+
+    out = engine.mesh.decode(*full_batch_decode_inputs(engine, position))
+    return int((np.asarray(out.expert_load) > 0).sum())
+
+
+def roofline_ms(cfg, engine, hbm_gbs: float, live_tokens: int, touched: int) -> float:
     """Fewest bytes one device must read per decode step, over HBM bandwidth: replicated dense
-    weights, its expert slots that tokens touch, and the live KV context of each request slot
-    (`live_tokens` positions: what the GPU's attention kernel reads; the XLA path reads the
-    whole max_seq_len window, which the floor does not grant it)."""
+    weights, its expert slots that tokens touch (`touched` (layer, expert) pairs in the step,
+    experts_touched), and the live KV context of each request slot (`live_tokens` positions:
+    what the GPU's attention kernel reads; the XLA path reads the whole max_seq_len window,
+    which the floor does not grant it)."""
     import jax
     import numpy as np
 
@@ -290,16 +303,14 @@ def roofline_ms(cfg, engine, hbm_gbs: float, live_tokens: int) -> float:
         dense += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
     dense += engine.mesh.geometry.request_slots_per_device * cfg.d_model * itemsize  # embed rows
     geometry = engine.mesh.geometry
-    b = geometry.num_request_slots
-    # Slots a step reads: each expert's primary replica (primary routing) or every slot.
-    slots = (
-        cfg.num_experts
+    # Slots a step reads: each touched expert's primary replica (primary routing), or about
+    # every replica of it (spread routing).
+    replicas = (
+        1
         if engine.options.replica_routing in ("primary", "auto")
-        else geometry.num_expert_slots
+        else geometry.num_expert_slots / cfg.num_experts
     )
-    touched = 1 - (1 - cfg.experts_per_token / cfg.num_experts) ** b
-    experts_per_device = slots * touched / geometry.num_devices
-    expert_bytes = cfg.expert_bytes() * experts_per_device * cfg.num_moe_layers
+    expert_bytes = cfg.expert_bytes() * touched * replicas / geometry.num_devices
     kv = (
         geometry.request_slots_per_device
         * live_tokens
