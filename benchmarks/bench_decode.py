@@ -81,6 +81,12 @@ def parse() -> argparse.Namespace:
         help="also R=0 with overlap_steps (each step launched before the last is read back)",
     )
     p.add_argument(
+        "--layer-programs",
+        action="store_true",
+        help="also R=0 with per-layer programs (EngineOptions.layer_programs; with "
+        "--overlap-steps, overlapped): the launch cost of one program per layer",
+    )
+    p.add_argument(
         "--profile-host",
         action="store_true",
         help="cProfile the engine steps of the first variant: where the host's time goes",
@@ -125,18 +131,19 @@ def main() -> int:
     attentions = args.attention.split(",")
     os.environ["ELASTIC_MOE_ATTENTION"] = attentions[0]
 
-    def new_engine(redundant, routing, overlap=False, numerics=modes[0]):
+    def new_engine(redundant, routing, overlap=False, numerics=modes[0], layer_programs=False):
         options = EngineOptions(
             request_slots_per_device=args.batch_per_device,
             redundant_experts=redundant,
             replica_routing=routing,
             overlap_steps=overlap,
             numerics=numerics,
+            layer_programs=layer_programs,
         )
         return Engine(cfg, params, devices, options)
 
-    def run_variant(name, redundant, routing, lose_one=False, overlap=False):
-        engine = new_engine(redundant, routing, overlap)
+    def run_variant(name, redundant, routing, lose_one=False, overlap=False, layers=False):
+        engine = new_engine(redundant, routing, overlap, layer_programs=layers)
         rows = [measure(engine, name)]
         if lose_one:
             coordinator = Coordinator(engine, standby=False)
@@ -242,6 +249,10 @@ def main() -> int:
     results = run_modes()
     if args.overlap_steps:
         results += run_variant("R=0, overlap_steps", 0, "primary", overlap=True)
+    if args.layer_programs:
+        overlap = args.overlap_steps
+        name = "R=0, layer programs" + (", overlap" if overlap else "")
+        results += run_variant(name, 0, "primary", overlap=overlap, layers=True)
     if args.variants == "all":
         e = cfg.num_experts
         results += run_variant(f"R={e} primary", e, "primary", lose_one=True)
@@ -254,7 +265,8 @@ def main() -> int:
             f"decode tokens/s against {row['variant']}"
         )
     if args.variants == "all":
-        first = len(modes) * len(attentions) + int(args.overlap_steps)  # R=0 rows before
+        # R=0 rows before
+        first = len(modes) * len(attentions) + int(args.overlap_steps) + int(args.layer_programs)
         base, red, lost = results[0], *results[first : first + 2]
         n = red["devices"]
         print(

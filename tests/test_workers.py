@@ -127,3 +127,23 @@ def test_two_workers_serve_the_single_process_tokens_and_survive_a_kill(model_an
             engine.step()
         assert [r.generated for r in requests] == [r.generated for r in expected]
         assert all(r.reprefills == 1 for r in requests)
+
+
+@pytest.mark.slow
+def test_two_workers_with_layer_programs_serve_the_single_process_tokens(devices):
+    """Per-layer programs (EngineOptions.layer_programs) across two worker processes: the MoE
+    layers' index arrays are placed on a mesh that spans both; the tokens and logprobs are the
+    single-process Engine's."""
+    from elastic_moe.checkpoint import load_model
+    from elastic_moe.engine import Engine, EngineOptions
+    from elastic_moe.frontend_engine import frontend_engine
+    from elastic_moe.remote_mesh import RemoteMesh
+
+    options = EngineOptions(layer_programs=True)
+    cfg, params, _ = load_model(PRESET)
+    expected = Engine(cfg, params, devices[:4], options).generate(PROMPTS, 8)
+    with WorkerPool(2, cpu_devices_per_worker=2, options=FAST) as pool:
+        mesh = RemoteMesh.deploy(pool, PRESET, dataclasses.asdict(options), prefill_lengths=[16])
+        served = frontend_engine(cfg, mesh, options).generate(PROMPTS, 8)
+    assert [r.generated for r in served] == [r.generated for r in expected]
+    assert [r.logprobs for r in served] == [r.logprobs for r in expected]
