@@ -477,7 +477,7 @@ class Engine:
             return []
         self.ensure_cache()
         cfg = self.cfg
-        longest = max(len(r.context) for _, _, r in rows)
+        longest = max(r.context_length for _, _, r in rows)
         length = prefill_bucket(longest, self.options.min_prefill_bucket, cfg.max_seq_len)
         self.prefill_lengths_seen.add(length)
         p = geometry.num_prefill_rows
@@ -539,7 +539,7 @@ class Engine:
             for s, r in enumerate(owners):
                 if r is not None:
                     tokens[s] = r.generated[-1]
-                    positions[s] = len(r.context) - 1
+                    positions[s] = r.context_length - 1
         else:
             # Every running request is a row of the previous step; its input is that step's
             # token, still on the device. A row whose request the previous token finishes
@@ -551,7 +551,7 @@ class Engine:
                     owners[s] = None
             for s, r in enumerate(owners):
                 if r is not None:
-                    positions[s] = len(r.context)
+                    positions[s] = r.context_length
         if any(r is not None for r in owners):
             out = self.mesh.decode(tokens, positions, self._sampling(owners, ahead))
             self._launched = _Launched(out, owners)

@@ -91,6 +91,11 @@ class Request:
         return self.prompt + self.generated
 
     @property
+    def context_length(self) -> int:
+        """len(context), without building it (read for every running request each step)."""
+        return len(self.prompt) + len(self.generated)
+
+    @property
     def ttft_ms(self) -> float:
         if self.first_token_at is None:
             return 0.0
