@@ -12,7 +12,8 @@ device (throughput kept vs the ideal (N-1)/N). Real shapes get tiled random weig
 Columns: step ms, one full-batch decode step launched and waited for (the launch included;
 tok/s and % roofline follow it); b2b ms, per step when steps are launched back to back and
 waited for once (the device's rate when the host keeps ahead); engine tok/s, the engine's own
-loop (steps, read-back, bookkeeping).
+loop (steps, read-back, bookkeeping); touched, the share of (MoE layer, expert) pairs the timed
+step routes a token to (its inputs: each request's own last token), which the floor counts.
 """
 
 from __future__ import annotations
@@ -181,8 +182,19 @@ def main() -> int:
         """Submit and prefill a full batch; returns a timer of decode steps alone (median ms
         of --steps steps, each waited for)."""
         rng = np.random.default_rng(0)
-        b = engine.mesh.geometry.num_request_slots
-        max_tokens = args.steps * 3 + 8
+        geometry = engine.mesh.geometry
+        b = geometry.num_request_slots
+        # Requests are admitted prefill_rows_per_device per device and step, and each step
+        # decodes those admitted before: none may finish before the timed engine steps end,
+        # or those steps decode fewer rows (batch 256 once ran 1 in 5 rows busy).
+        admission = -(-geometry.request_slots_per_device // geometry.prefill_rows_per_device)
+        max_tokens = admission + args.steps * 3 + 8
+        if args.context + max_tokens > cfg.max_seq_len:
+            raise SystemExit(
+                f"--context {args.context} + {max_tokens} tokens (admission of "
+                f"{geometry.request_slots_per_device} slots per device, then --steps) exceed "
+                f"max_seq_len {cfg.max_seq_len}: raise --max-seq-len or lower the batch"
+            )
         for _ in range(b):
             prompt = rng.integers(0, cfg.vocab_size, size=args.context).tolist()
             engine.submit(Request(prompt, max_tokens=max_tokens))
@@ -194,6 +206,7 @@ def main() -> int:
         if device_ms is None:
             device_ms = prepare(engine)()
         pipelined_ms = back_to_back_ms(engine, args.context, args.steps)
+        touched = experts_touched(engine, args.context)  # with the timed step's inputs
         mesh = engine.mesh
         b = mesh.geometry.num_request_slots
         if args.profile_device and not traced_once:
@@ -231,9 +244,7 @@ def main() -> int:
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(14)
         for rid in list(engine.running) + list(engine.waiting):
             engine.abort(rid)
-        floor_ms = roofline_ms(
-            cfg, engine, hbm_gbs, args.context + 1, experts_touched(engine, args.context)
-        )
+        floor_ms = roofline_ms(cfg, engine, hbm_gbs, args.context + 1, touched)
         return dict(
             variant=name,
             devices=len(engine.mesh.devices),
@@ -244,6 +255,7 @@ def main() -> int:
             engine_tokens_per_s=produced / engine_s,
             floor_ms=floor_ms,
             roofline_pct=100 * floor_ms / device_ms,
+            experts_touched_pct=100 * touched / (cfg.num_moe_layers * cfg.num_experts),
         )
 
     results = run_modes()
@@ -335,7 +347,7 @@ def roofline_ms(cfg, engine, hbm_gbs: float, live_tokens: int, touched: int) -> 
 def print_table(rows) -> None:
     head = (
         f"{'variant':28s} {'dev':>3s} {'batch':>5s} {'step ms':>8s} {'b2b ms':>7s} {'tok/s':>9s} "
-        f"{'engine tok/s':>12s} {'floor ms':>8s} {'% roofline':>10s}"
+        f"{'engine tok/s':>12s} {'touched':>7s} {'floor ms':>8s} {'% roofline':>10s}"
     )
     print(head)
     print("-" * len(head))
@@ -343,7 +355,8 @@ def print_table(rows) -> None:
         print(
             f"{r['variant']:28s} {r['devices']:3d} {r['batch']:5d} {r['step_ms']:8.2f} "
             f"{r['back_to_back_ms']:7.2f} "
-            f"{r['tokens_per_s']:9.0f} {r['engine_tokens_per_s']:12.0f} {r['floor_ms']:8.3f} "
+            f"{r['tokens_per_s']:9.0f} {r['engine_tokens_per_s']:12.0f} "
+            f"{r['experts_touched_pct']:6.1f}% {r['floor_ms']:8.3f} "
             f"{r['roofline_pct']:9.1f}%"
         )
 

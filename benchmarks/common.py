@@ -36,13 +36,24 @@ def model_to_time(preset: str, layers: int = 0, max_seq_len: int = 0):
     return cfg, params
 
 
-def full_batch_decode_inputs(engine, position: int, token: int = 0) -> tuple:
-    """(tokens, positions, sampling) of a decode with every request slot busy, each slot's input
-    `token` at `position`, greedy: the inputs of `mesh.decode` for timing it alone."""
+def full_batch_decode_inputs(engine, position: int, token: int | None = None) -> tuple:
+    """(tokens, positions, sampling) of a decode with every request slot busy at `position`,
+    greedy: the inputs of `mesh.decode` for timing it alone. Each slot's input is its
+    request's last token (a slot without one: a token of its own), as in the engine's steps,
+    or `token` in every slot. One token everywhere routes every row alike: on one H100 such
+    steps ran faster than a floor that assumed spread routing (RESULTS.md, 2026-12-07)."""
     import numpy as np
 
     b = engine.mesh.geometry.num_request_slots
-    tokens = np.full((b,), token, np.int32)
+    if token is not None:
+        tokens = np.full((b,), token, np.int32)
+    else:
+        tokens = (np.arange(b, dtype=np.int64) * 7919 + 1) % engine.cfg.vocab_size
+        for s, owner in enumerate(engine.slot_owner[:b]):
+            request = engine.journal.get(owner) if owner is not None else None
+            if request is not None and request.generated:
+                tokens[s] = request.generated[-1]
+        tokens = tokens.astype(np.int32)
     positions = np.full((b,), position, np.int32)
     return tokens, positions, engine._sampling([None] * b)
 
@@ -65,7 +76,7 @@ def median_ms(call, repeats: int, warm: bool = True) -> float:
     return 1000 * float(np.median(times))
 
 
-def decode_step_timer(engine, position: int, steps: int, token: int = 0):
+def decode_step_timer(engine, position: int, steps: int, token: int | None = None):
     """Warms the full-batch decode (full_batch_decode_inputs) once and returns a timer: the
     median ms of `steps` decode steps, each waited for."""
     mesh, inputs = engine.mesh, full_batch_decode_inputs(engine, position, token)
@@ -77,14 +88,16 @@ def decode_step_timer(engine, position: int, steps: int, token: int = 0):
     return lambda: median_ms(step, steps, warm=False)
 
 
-def back_to_back_ms(engine, position: int, steps: int, token: int = 0) -> float:
+def back_to_back_ms(engine, position: int, steps: int, token: int | None = None) -> float:
     """Milliseconds per decode step when `steps` full-batch steps are launched one after the
     other and waited for once: the device's rate when the host keeps ahead of it (a step
     waited for alone also counts its launch)."""
     return back_to_back(engine, position, steps, token)[1]
 
 
-def back_to_back(engine, position: int, steps: int, token: int = 0) -> tuple[float, float]:
+def back_to_back(
+    engine, position: int, steps: int, token: int | None = None
+) -> tuple[float, float]:
     """(ms per step to launch, ms per step to finish) of `steps` full-batch decode steps
     launched one after the other and waited for once, after one warm step."""
     import time
