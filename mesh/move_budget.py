@@ -9,12 +9,13 @@ rebuilt) then runs in the background, `repair_in_steps` cutting it into steps of
 
 Rules of `repair_in_steps(current, target, ...)` (same mesh, same slots):
   * a move writes target[layer, q] into slot q; every move is a slot that differs, so the
-    steps together make exactly the moves of `plan_transfers(current, target)`, no detours;
+    steps together make the moves of `plan_transfers(current, target)`, with one exception
+    (the detours below);
   * every step's placement passes `Placement.validate`: every expert keeps a replica, never
     two on one device, never more than max_replicas;
   * each copy reads a slot that holds its expert at the step's start and that the step does
     not overwrite, so no step needs the host or an order among its copies (two lone experts
-    swapping slots take two steps, via a second replica, unless they form a cycle below);
+    swapping slots take two steps, via a second replica);
   * moves are taken most useful first, scored against the placement at the step's start:
     one point for giving a lone expert (one replica, the target wants more) its second
     replica, plus the cut in its layer's max device load, in units of the mean device load
@@ -22,11 +23,16 @@ Rules of `repair_in_steps(current, target, ...)` (same mesh, same slots):
     lone experts, each a host restore if its device dies next, come back first; then balance.
     Moves that are not valid on their own yet (the last replica of an expert, a device that
     still holds the incoming expert) wait for the moves they need;
-  * a step has at most max_copies moves, except when moves need each other in a cycle (two
-    lone experts trading devices) longer than the budget: such a cycle is one step, and a copy
-    in it may have to read the host copy (its source is overwritten in the same step). Targets
-    from `repair` were thought never to make one; Hypothesis found some (tests/test_move_budget
-    .py, 2026-12-07: 2 or 3 moves in one step, one host read): a known limit, not fixed yet.
+  * when no pending move is valid on its own (lone experts trading slots: a cycle of moves
+    that need each other, which `repair` targets can make; Hypothesis found them, 2026-12-07),
+    a detour breaks it: one step copies the lone expert of the best blocked move into a slot
+    of an expert that has two or more replicas (one whose slot is pending anyway, if any), so
+    that move becomes valid; that slot is written again later. Each detour costs one copy or
+    two, and every step stays within max_copies and reads no host copy. Only when no detour
+    helps (no move blocked by loneness alone, no slot to spare, or every detour would return
+    to a placement already passed through, as when two lone experts trade places between the
+    only two devices) are the moves of a cycle taken together in one step, which may exceed
+    max_copies and read the host copy.
 """
 
 from __future__ import annotations
@@ -108,10 +114,16 @@ def repair_in_steps(
     goal = target.phy2log.astype(np.int64)
     want = target.replica_count.astype(np.int64)
     steps: list[Placement] = []
+    first: tuple[int, int] | None = None  # (layer, slot) a detour made valid: taken next
+    seen = {state.tobytes()}  # placements passed through: a detour never returns to one
     while (pending := np.argwhere(state != goal)).size:
         layer, slot = pending[:, 0], pending[:, 1]
         counts = _bincount_rows(state, experts)
         order = np.argsort(-_scores(state, counts, want, load, layer, slot, goal, n, s))
+        if first is not None:  # before anything that would undo the detour
+            ahead = np.flatnonzero((layer[order] == first[0]) & (slot[order] == first[1]))
+            order = np.concatenate([order[ahead], np.delete(order, ahead)])
+            first = None
         hold = np.zeros((state.shape[0], experts, n), dtype=bool)
         lay = np.repeat(np.arange(state.shape[0]), n * s)
         hold[lay, state.ravel(), np.tile(np.arange(n * s) // s, state.shape[0])] = True
@@ -133,9 +145,17 @@ def repair_in_steps(
                 brought[lm, b] = True
                 hold[lm, a, d], hold[lm, b, d] = False, True
                 chosen.append(m)
-        if not chosen:  # every move needs another: take the best one with what it needs
+        if not chosen:  # every move needs another: a detour, or the best one with its needs
+            detour = _detour(state, goal, counts, hold, layer, slot, order, s, width, seen)
+            if detour is not None:
+                lm, spare, expert, first = detour
+                state[lm, spare] = expert
+                seen.add(state.tobytes())
+                steps.append(_from_phy2log(state.copy(), experts, s, width))
+                continue
             chosen = _cycle(state, goal, layer, slot, order[0], n, s, width, experts)
         state[layer[chosen], slot[chosen]] = goal[layer[chosen], slot[chosen]]
+        seen.add(state.tobytes())
         steps.append(_from_phy2log(state.copy(), experts, s, width))
     return steps
 
@@ -168,6 +188,30 @@ def _scores(state, counts, want, load, layer, slot, goal, n, s, chunk=4096):
         restore = (cb == 1) & (want[lm, b] >= 2)
         out[lo : lo + chunk] = np.where(valid, gain + restore, -np.inf)
     return out
+
+
+def _detour(state, goal, counts, hold, layer, slot, order, s, width, seen):
+    """(layer, spare slot, expert, (layer, slot) of the move it unblocks), or None: a second
+    replica for the lone expert of a pending move that only its loneness blocks, written over
+    a slot of an expert with two or more replicas on another device. Slots whose own move is
+    pending come first (they are rewritten anyway), then the best move first; a detour that
+    would bring back a placement already passed through is skipped (no going round)."""
+    candidates = []  # (spare slot not pending, rank of the move, layer, spare, expert, slot)
+    for rank, m in enumerate(order):
+        lm, q = int(layer[m]), int(slot[m])
+        a, b, d = state[lm, q], goal[lm, q], q // s
+        if counts[lm, a] != 1 or hold[lm, b, d] or counts[lm, b] >= width or width < 2:
+            continue
+        row = state[lm]
+        spares = np.flatnonzero((counts[lm, row] >= 2) & ~hold[lm, a, np.arange(row.size) // s])
+        candidates += [(bool(row[p] == goal[lm, p]), rank, lm, int(p), a, q) for p in spares]
+    for _, _, lm, spare, expert, q in sorted(candidates):
+        before, state[lm, spare] = state[lm, spare], expert
+        known = state.tobytes() in seen
+        state[lm, spare] = before
+        if not known:
+            return lm, spare, expert, (lm, q)
+    return None
 
 
 def _cycle(state, goal, layer, slot, first, n, s, width, experts):
