@@ -80,8 +80,9 @@ class EngineOptions:
     overlap_steps: bool = True
     # One compiled program per layer kind, chained per step, instead of one program with every
     # layer unrolled: a mesh's compile time stops growing with depth (the standby compiles of
-    # a deep model, and a cold compile on a recovery's path), for one launch per layer.
-    # elastic_moe/layer_programs.py; measured in benchmarks/RESULTS.md.
+    # a deep model, and a cold compile on a recovery's path), for one launch per layer: on one
+    # H100 the same device step, 14% fewer engine tokens/s when the host is the bottleneck
+    # (elastic_moe/layer_programs.py; benchmarks/RESULTS.md).
     layer_programs: bool = False
 
     def __post_init__(self) -> None:
