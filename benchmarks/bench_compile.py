@@ -8,7 +8,8 @@
 A mesh the standby compiles have not reached costs these seconds on the critical path of a
 recovery, and each failure's standby set is one such compile per surviving mesh. For each
 layer count and each program form (`--modes`: "step", one program with every layer unrolled;
-"layer", one program per layer kind chained per step, elastic_moe/layer_programs.py) this
+"layer", programs of --layers-per-program layers chained per step,
+elastic_moe/layer_programs.py) this
 builds, from abstract shapes, what a mesh compiles before it serves: the decode program and
 the prefill program at one prompt length (with their sampling programs), and prints the
 seconds of each (trace, lower and compile), then the seconds each added layer costs (a
@@ -37,6 +38,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--numerics", default="invariant", choices=["invariant", "fast"])
     p.add_argument("--modes", default="step,layer", help="comma list of step, layer")
+    p.add_argument(
+        "--layers-per-program", type=int, default=1, help="layers per program of the layer mode"
+    )
     return p.parse_args()
 
 
@@ -72,7 +76,7 @@ def main() -> int:
                 prefill_rows_per_device=args.prefill_rows_per_device,
                 max_replicas=1,
                 numerics=args.numerics,
-                layer_programs=mode == "layer",
+                layers_per_program=args.layers_per_program if mode == "layer" else 0,
             )
             programs = MeshPrograms(cfg, build_mesh(devices), geometry)
             start = time.perf_counter()

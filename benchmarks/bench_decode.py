@@ -83,9 +83,13 @@ def parse() -> argparse.Namespace:
     )
     p.add_argument(
         "--layer-programs",
-        action="store_true",
-        help="also R=0 with per-layer programs (EngineOptions.layer_programs; with "
-        "--overlap-steps, overlapped): the launch cost of one program per layer",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="G",
+        help="also R=0 with programs of G layers each (EngineOptions.layers_per_program; G "
+        "defaults to 1; with --overlap-steps, overlapped): the launch cost of a chained step",
     )
     p.add_argument(
         "--profile-host",
@@ -132,19 +136,19 @@ def main() -> int:
     attentions = args.attention.split(",")
     os.environ["ELASTIC_MOE_ATTENTION"] = attentions[0]
 
-    def new_engine(redundant, routing, overlap=False, numerics=modes[0], layer_programs=False):
+    def new_engine(redundant, routing, overlap=False, numerics=modes[0], per_program=0):
         options = EngineOptions(
             request_slots_per_device=args.batch_per_device,
             redundant_experts=redundant,
             replica_routing=routing,
             overlap_steps=overlap,
             numerics=numerics,
-            layer_programs=layer_programs,
+            layers_per_program=per_program,
         )
         return Engine(cfg, params, devices, options)
 
-    def run_variant(name, redundant, routing, lose_one=False, overlap=False, layers=False):
-        engine = new_engine(redundant, routing, overlap, layer_programs=layers)
+    def run_variant(name, redundant, routing, lose_one=False, overlap=False, layers=0):
+        engine = new_engine(redundant, routing, overlap, per_program=layers)
         rows = [measure(engine, name)]
         if lose_one:
             coordinator = Coordinator(engine, standby=False)
@@ -263,8 +267,8 @@ def main() -> int:
         results += run_variant("R=0, overlap_steps", 0, "primary", overlap=True)
     if args.layer_programs:
         overlap = args.overlap_steps
-        name = "R=0, layer programs" + (", overlap" if overlap else "")
-        results += run_variant(name, 0, "primary", overlap=overlap, layers=True)
+        name = f"R=0, {args.layer_programs} layers/program" + (", overlap" if overlap else "")
+        results += run_variant(name, 0, "primary", overlap=overlap, layers=args.layer_programs)
     if args.variants == "all":
         e = cfg.num_experts
         results += run_variant(f"R={e} primary", e, "primary", lose_one=True)
@@ -277,8 +281,8 @@ def main() -> int:
             f"decode tokens/s against {row['variant']}"
         )
     if args.variants == "all":
-        # R=0 rows before
-        first = len(modes) * len(attentions) + int(args.overlap_steps) + int(args.layer_programs)
+        extra = int(args.overlap_steps) + int(args.layer_programs > 0)
+        first = len(modes) * len(attentions) + extra  # R=0 rows before
         base, red, lost = results[0], *results[first : first + 2]
         n = red["devices"]
         print(

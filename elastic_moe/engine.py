@@ -78,12 +78,13 @@ class EngineOptions:
     # to 97% of the device's tokens/s, once no conditional in the step made the launch wait
     # for it (benchmarks/RESULTS.md).
     overlap_steps: bool = True
-    # One compiled program per layer kind, chained per step, instead of one program with every
-    # layer unrolled: a mesh's compile time stops growing with depth (the standby compiles of
-    # a deep model, and a cold compile on a recovery's path), for one launch per layer: on one
-    # H100 the same device step, 14% fewer engine tokens/s when the host is the bottleneck
-    # (elastic_moe/layer_programs.py; benchmarks/RESULTS.md).
-    layer_programs: bool = False
+    # G > 0: the step as programs of G layers of one kind each, chained (embedding, groups,
+    # head), instead of one program with every layer unrolled (0): a mesh's compile time stops
+    # growing with depth (the standby compiles of a deep model, and a cold compile on a
+    # recovery's path), for one launch per group: on one H100 at G = 1 the same device step,
+    # 14% fewer engine tokens/s when the host is the bottleneck (elastic_moe/layer_programs.py;
+    # benchmarks/RESULTS.md).
+    layers_per_program: int = 0
 
     def __post_init__(self) -> None:
         if self.replica_routing not in ("auto", "primary", "spread"):
@@ -102,6 +103,8 @@ class EngineOptions:
             raise ValueError(
                 f"placement must be one of {PLACEMENT_POLICIES}, got {self.placement!r}"
             )
+        if self.layers_per_program < 0:
+            raise ValueError(f"layers_per_program must be >= 0, got {self.layers_per_program}")
         if self.restore_budget < 0:
             raise ValueError(f"restore_budget must be >= 0, got {self.restore_budget}")
         if self.redundant_experts < 0:
@@ -151,7 +154,7 @@ class Engine:
                 prefill_rows_per_device=options.prefill_rows_per_device,
                 max_replicas=max_replicas,
                 numerics=options.numerics,
-                layer_programs=options.layer_programs,
+                layers_per_program=options.layers_per_program,
             )
 
         self.executables = ExecutableCache(cfg, geometry_for)

@@ -2,12 +2,14 @@
 
 The whole-step program (elastic_moe.steps) unrolls every layer, and XLA's compile time grows
 with it: 1.2-1.3 s per layer and mesh on a 2-core CPU (DeepSeek-V3's 61 layers: 86 s per mesh,
-benchmarks/RESULTS.md). Here a step runs an embedding program, then one program per decoder
-layer, then a head program that also picks the tokens. Layers of one kind (dense or MoE, and
-gpt-oss's sliding window) have the same shapes and share one executable, so a mesh compiles
-a handful of small programs whatever the depth, and the standby compiles of every mesh one
-failure away stay cheap. What it costs: one launch per layer instead of one per step, and no
-fusion across a layer boundary; `StepGeometry.layer_programs` chooses.
+benchmarks/RESULTS.md). Here a step runs an embedding program, then programs of G decoder
+layers each (`StepGeometry.layers_per_program`), then a head program that also picks the
+tokens. Layers of one kind (dense or MoE, and gpt-oss's sliding window) have the same shapes,
+so a run of them is cut into groups of G and every full group shares one executable (a shorter
+last group has one of its own): a mesh compiles a handful of programs of at most G layers
+whatever the depth, and the standby compiles of every mesh one failure away stay cheap. What
+it costs: a launch per group instead of one per step (on one H100, G = 1 at 8 layers: the same
+device time, 0.07 ms more host time a layer), and no fusion across a group boundary.
 
 A MoE layer program finds its placement tables by a layer index held on the devices (one
 replicated int32 per MoE layer), so that one executable serves every MoE layer.
@@ -37,6 +39,20 @@ from models.sampling import sample
 from models.transformer import MoETransformer, output_logits
 
 LayerKind = tuple[bool, int | None]  # (is MoE, sliding window)
+GroupKey = tuple[LayerKind, int]  # (kind, layers in the group): one executable each
+
+
+def layer_groups(cfg: ModelConfig, per_program: int) -> list[tuple[GroupKey, list[int]]]:
+    """The decoder layers cut into runs of one kind, each run into groups of at most
+    `per_program` layers: [((kind, size), layer indices)] in order."""
+    groups: list[tuple[GroupKey, list[int]]] = []
+    for i in range(cfg.num_layers):
+        kind = layer_kind(cfg, i)
+        if groups and groups[-1][0][0] == kind and len(groups[-1][1]) < per_program:
+            groups[-1][1].append(i)
+        else:
+            groups.append(((kind, 0), [i]))
+    return [((kind, len(layers)), layers) for (kind, _), layers in groups]
 
 
 def layer_kind(cfg: ModelConfig, index: int) -> LayerKind:
@@ -73,8 +89,8 @@ def head_params(params: dict) -> dict:
 
 
 class LayerPrograms:
-    """The jit-wrapped embedding, layer and head programs of one mesh, for decode (rows=None)
-    or prefill. `chain(compiled)` gives the callable the whole-step program would be."""
+    """The jit-wrapped embedding, layer-group and head programs of one mesh, for decode
+    (rows=None) or prefill; `compile` gives the callable the whole-step program would be."""
 
     def __init__(
         self,
@@ -84,10 +100,11 @@ class LayerPrograms:
         numerics: str,
         sampling_spec: Any,
         decode: bool,
+        per_program: int = 1,
     ):
         self.cfg, self.mesh, self.decode = cfg, mesh, decode
         layer_graphs, norm_graph = _graphs(cfg)
-        self.kinds = [layer_kind(cfg, i) for i in range(cfg.num_layers)]
+        self.groups = layer_groups(cfg, per_program)
         rows_spec = None if decode else BATCH
         invariant = numerics == "invariant"
 
@@ -105,25 +122,31 @@ class LayerPrograms:
             )
         )
 
-        def layer_program(kind: LayerKind) -> Callable:
+        def group_program(key: GroupKey) -> Callable:
+            (kind, size), first_layer = key, next(g[1][0] for g in self.groups if g[0] == key)
             graph = layer_graphs[kind]
             is_moe = kind[0]
 
-            def run(params, cache, log2phy, replica_count, j, x, positions, rows):
-                layer = nnx.merge(graph, params)
+            def run(params, caches, log2phy, replica_count, js, x, positions, rows):
                 b, c, _ = x.shape
                 first = jax.lax.axis_index(EXPERT_AXIS) * b * c
                 token_ids = first + jnp.arange(b * c, dtype=jnp.int32)
-                tables = ExpertTables(log2phy[j], replica_count[j]) if is_moe else None
-                with row_invariant_matmuls(invariant):
-                    x, cache, load = layer(
-                        x, positions, cache, rows, tables, token_ids, EXPERT_AXIS, numerics
-                    )
-                return x, cache, load
+                new_caches, loads = [], []
+                for layer_params, cache, j in zip(params, caches, js, strict=True):
+                    layer = nnx.merge(graph, layer_params)
+                    tables = ExpertTables(log2phy[j], replica_count[j]) if is_moe else None
+                    with row_invariant_matmuls(invariant):
+                        x, cache, load = layer(
+                            x, positions, cache, rows, tables, token_ids, EXPERT_AXIS, numerics
+                        )
+                    new_caches.append(cache)
+                    loads.append(load)
+                return x, new_caches, loads if is_moe else None
 
-            index = self.kinds.index(kind)
-            in_specs = (param_specs["layers"][index], LayerCache(BATCH, BATCH), P(), P(), P())
-            out_specs = (BATCH, LayerCache(BATCH, BATCH), REPLICATED if is_moe else None)
+            layer_spec = param_specs["layers"][first_layer]
+            caches_spec = [LayerCache(BATCH, BATCH)] * size
+            in_specs = ([layer_spec] * size, caches_spec, P(), P(), [P()] * size)
+            out_specs = (BATCH, caches_spec, [REPLICATED] * size if is_moe else None)
             return jax.jit(
                 jax.shard_map(
                     run,
@@ -134,7 +157,7 @@ class LayerPrograms:
                 donate_argnums=(1,),
             )
 
-        self.layers = {kind: layer_program(kind) for kind in dict.fromkeys(self.kinds)}
+        self.layers = {key: group_program(key) for key in dict.fromkeys(k for k, _ in self.groups)}
 
         def head(params, x, last, sampling, loads):
             if decode:
@@ -169,14 +192,21 @@ class LayerPrograms:
         embed = embed.compile()
         index = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(self.mesh, P()))
         layers, loads = {}, []
-        for kind, program in self.layers.items():
-            i = self.kinds.index(kind)
+        for key, program in self.layers.items():
+            group = next(g for k, g in self.groups if k == key)
             lowered = program.lower(
-                params["layers"][i], cache[i], log2phy, counts, index, x, pos, rows
+                [params["layers"][i] for i in group],
+                [cache[i] for i in group],
+                log2phy,
+                counts,
+                [index] * len(group),
+                x,
+                pos,
+                rows,
             )
-            layers[kind] = lowered.compile()
-            if kind[0]:
-                loads = [lowered.out_info[2]] * self.cfg.num_moe_layers
+            layers[key] = lowered.compile()
+            if key[0][0]:  # MoE
+                loads = [lowered.out_info[2][0]] * self.cfg.num_moe_layers
         head = self.head.lower(head_params(params), x, last, sampling, loads)
         return LayerChain(self, embed, layers, head.compile(), head.out_info[2])
 
@@ -204,14 +234,20 @@ class LayerChain:
         index = self.programs.layer_index()
         first_moe = self.programs.cfg.first_dense_layers
         new_cache, loads = [], []
-        for i, kind in enumerate(self.programs.kinds):
-            j = index[i - first_moe] if kind[0] else index[0]
-            x, layer_cache, load = self.layers[kind](
-                params["layers"][i], cache[i], log2phy, replica_count, j, x, pos, rows
+        for key, group in self.programs.groups:
+            js = [index[max(i - first_moe, 0)] for i in group]  # dense layers ignore theirs
+            x, caches, group_loads = self.layers[key](
+                [params["layers"][i] for i in group],
+                [cache[i] for i in group],
+                log2phy,
+                replica_count,
+                js,
+                x,
+                pos,
+                rows,
             )
-            new_cache.append(layer_cache)
-            if load is not None:
-                loads.append(load)
+            new_cache += caches
+            loads += group_loads or []
         tokens, logprobs, logits, expert_load = self.head(
             head_params(params), x, last, sampling, loads
         )

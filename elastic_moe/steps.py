@@ -39,13 +39,16 @@ class StepGeometry:
     prefill_rows_per_device: int
     max_replicas: int
     numerics: str = "invariant"  # one of NUMERICS_MODES (models.moe)
-    # One program per layer kind, chained per step (elastic_moe.layer_programs): compile time
-    # flat in depth, one launch per layer. False: one program per step, layers unrolled.
-    layer_programs: bool = False
+    # G > 0: programs of G layers of one kind, chained per step (elastic_moe.layer_programs):
+    # compile time flat in depth, one launch per group. 0: one program per step, every layer
+    # unrolled in it.
+    layers_per_program: int = 0
 
     def __post_init__(self) -> None:
         if self.numerics not in NUMERICS_MODES:
             raise ValueError(f"numerics must be one of {NUMERICS_MODES}, got {self.numerics!r}")
+        if self.layers_per_program < 0:
+            raise ValueError(f"layers_per_program must be >= 0, got {self.layers_per_program}")
 
     @property
     def num_expert_slots(self) -> int:
@@ -191,7 +194,7 @@ class MeshPrograms:
 
     def _compile_decode(self):
         if "decode" not in self._compiled:
-            if self.geometry.layer_programs:
+            if self.geometry.layers_per_program:
                 self._compiled["decode"] = self._compile_chain(True, self.abstract_decode_args)
             else:
                 lowered = self.decode.lower(*self.abstract_decode_args())
@@ -200,7 +203,7 @@ class MeshPrograms:
         return self._compiled["decode"]
 
     def _compile_chain(self, decode: bool, abstract_args) -> LayerChain:
-        """The step as per-layer programs (StepGeometry.layer_programs)."""
+        """The step as programs of a few layers each (StepGeometry.layers_per_program)."""
         if decode not in self._layer_programs:
             self._layer_programs[decode] = LayerPrograms(
                 self.cfg,
@@ -209,6 +212,7 @@ class MeshPrograms:
                 self.geometry.numerics,
                 Sampling(*([BATCH] * 5)),
                 decode,
+                self.geometry.layers_per_program,
             )
 
         def abstract() -> tuple:
@@ -257,7 +261,7 @@ class MeshPrograms:
     def _compile_prefill(self, length: int):
         key = ("prefill", length)
         if key not in self._compiled:
-            if self.geometry.layer_programs:
+            if self.geometry.layers_per_program:
                 args = functools.partial(self.abstract_prefill_args, length)
                 self._compiled[key] = self._compile_chain(False, args)
                 return self._compiled[key]

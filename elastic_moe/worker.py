@@ -65,7 +65,7 @@ def step_geometry(cfg, num_devices: int, options):
         prefill_rows_per_device=options.prefill_rows_per_device,
         max_replicas=max_replicas,
         numerics=options.numerics,
-        layer_programs=options.layer_programs,
+        layers_per_program=options.layers_per_program,
     )
 
 

@@ -227,12 +227,14 @@ def _add_engine_options(parser: argparse.ArgumentParser, devices_help: str) -> N
         "(the order follows the mesh, so in bf16 tokens may change with it)",
     )
     parser.add_argument(
-        "--layer-programs",
-        action="store_true",
-        help="compile one program per layer kind and chain them each step, instead of one "
-        "program with every layer unrolled: a mesh's compile time stops growing with depth "
-        "(deep models: the standby compiles of every mesh one failure away, and any compile "
-        "on a recovery's path), for one launch per layer; same tokens",
+        "--layers-per-program",
+        type=_non_negative_int,
+        default=0,
+        metavar="G",
+        help="G > 0: compile programs of G layers each and chain them every step, instead of "
+        "one program with every layer unrolled (0, the default): a mesh's compile time stops "
+        "growing with depth (deep models: the standby compiles of every mesh one failure "
+        "away, and any compile on a recovery's path), for one launch per G layers; same tokens",
     )
 
 

@@ -157,7 +157,7 @@ def build_engine(
     placement: str = "auto",
     numerics: str = "invariant",
     overlap_steps: bool = True,
-    layer_programs: bool = False,
+    layers_per_program: int = 0,
 ):
     """An Engine, or a one-line CliError when the model cannot be deployed on these devices."""
     from elastic_moe import Engine, EngineOptions
@@ -168,7 +168,7 @@ def build_engine(
         placement=placement,
         numerics=numerics,
         overlap_steps=overlap_steps,
-        layer_programs=layer_programs,
+        layers_per_program=layers_per_program,
     )
     try:
         return Engine(cfg, params, devices, options)

@@ -139,7 +139,7 @@ def run_offline(args: argparse.Namespace) -> int:
                 redundant=redundant,
                 placement=args.placement,
                 numerics=args.numerics,
-                layer_programs=args.layer_programs,
+                layers_per_program=args.layers_per_program,
                 # Step by step: --inject-failure/--inject-rejoin name steps, each 1 token.
                 overlap_steps=False,
             )

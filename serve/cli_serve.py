@@ -76,7 +76,7 @@ def deploy(args: argparse.Namespace, console) -> tuple[Any, Any]:
             redundant=redundant,
             placement=args.placement,
             numerics=args.numerics,
-            layer_programs=args.layer_programs,
+            layers_per_program=args.layers_per_program,
         )
         progress.update(task, completed=1)
 

@@ -93,7 +93,7 @@ def deploy_workers(args: argparse.Namespace, console, progress) -> tuple[Any, An
             redundant_experts=redundant,
             placement=args.placement,
             numerics=args.numerics,
-            layer_programs=args.layer_programs,
+            layers_per_program=args.layers_per_program,
         )
     except ValueError as error:
         raise CliError(str(error)) from None

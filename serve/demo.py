@@ -418,7 +418,7 @@ def _run(demo: Demo, plain: bool) -> None:
         request_slots_per_device=4,
         placement="auto",
         numerics="invariant",
-        layer_programs=False,
+        layers_per_program=0,
     )
     engine, tokenizer = deploy(deploy_args, progress)
     cfg = engine.cfg

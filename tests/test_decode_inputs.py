@@ -41,14 +41,14 @@ def test_a_request_taking_over_a_slot_decodes_with_its_own_sampling(devices):
     assert decoded is not None  # the columns of the last decode stayed on the devices
 
 
-@pytest.mark.parametrize("layer_programs", [False, True])
-def test_the_step_programs_never_make_the_host_wait(devices, layer_programs):
+@pytest.mark.parametrize("per_program", [0, 2])
+def test_the_step_programs_never_make_the_host_wait(devices, per_program):
     """No conditional or while loop in the decode program: XLA's GPU runtime runs those on the
     host, copying a predicate back and waiting for it, so the launch of a step would return
     only when the step was done. (A `lax.cond` between greedy and sampled rows did that; the
     sampled rows are now drawn by a program of their own.)"""
     cfg = get_preset("tiny-mixtral")
-    options = EngineOptions(layer_programs=layer_programs)
+    options = EngineOptions(layers_per_program=per_program)
     engine = Engine(cfg, init_params(cfg), devices[:2], options)
     text = engine.mesh.programs.compile_decode().as_text()
     assert " conditional(" not in text and " while(" not in text

@@ -1,5 +1,5 @@
-"""Per-layer programs (EngineOptions.layer_programs, elastic_moe/layer_programs.py): the tokens
-and logprobs of the whole-step program, through a failure and a rejoin, from a number of
+"""Layer-group programs (EngineOptions.layers_per_program, elastic_moe/layer_programs.py): the
+tokens and logprobs of the whole-step program, through a failure and a rejoin, from a number of
 compiled programs that does not grow with depth."""
 
 import numpy as np
@@ -8,6 +8,7 @@ from compile_counter import count_compiles
 
 from elastic_moe import Engine, EngineOptions, Request, SamplingParams
 from elastic_moe.coordinator import Coordinator
+from elastic_moe.layer_programs import layer_groups
 from elastic_moe.steps import MeshPrograms, StepGeometry
 from mesh.device_mesh import build_mesh
 from models.params import init_params
@@ -29,8 +30,8 @@ def workload():
     ]
 
 
-def run(cfg, params, devices, layer_programs, script=None):
-    options = EngineOptions(**BASE, layer_programs=layer_programs)
+def run(cfg, params, devices, per_program, script=None):
+    options = EngineOptions(**BASE, layers_per_program=per_program)
     engine = Engine(cfg, params, devices, options)
     coordinator = Coordinator(engine, standby=False)
     requests = [engine.submit(r) for r in workload()]
@@ -44,23 +45,25 @@ def run(cfg, params, devices, layer_programs, script=None):
     return {r.request_id: (r.generated, r.logprobs, r.finish_reason, r.error) for r in requests}
 
 
-# Dense first layers and latent attention (deepseek); sliding-window and full layers, sinks
-# and expert biases (gpt-oss); an LM head tied to the embedding (mixtral, changed).
+# Dense first layers and latent attention (deepseek: 1 dense + 3 MoE layers, in groups of 2:
+# dense, MoE x 2, MoE x 1); sliding-window and full layers, sinks and expert biases (gpt-oss);
+# an LM head tied to the embedding (mixtral, changed).
 @pytest.mark.parametrize(
-    "preset",
+    "preset,per_program",
     [
-        "tiny-deepseek-v3",
-        pytest.param("tiny-gpt-oss", marks=pytest.mark.slow),
-        pytest.param("tied tiny-mixtral", marks=pytest.mark.slow),
+        ("tiny-deepseek-v3", 2),
+        pytest.param("tiny-deepseek-v3", 1, marks=pytest.mark.slow),
+        pytest.param("tiny-gpt-oss", 1, marks=pytest.mark.slow),
+        pytest.param("tied tiny-mixtral", 3, marks=pytest.mark.slow),
     ],
 )
-def test_same_outputs_as_the_whole_step_program(preset, devices):
+def test_same_outputs_as_the_whole_step_program(preset, per_program, devices):
     cfg = get_preset(preset.split()[-1])
     if preset.startswith("tied"):
         cfg = cfg.replace(tie_embeddings=True)
     params = init_params(cfg)
-    whole = run(cfg, params, devices[:4], layer_programs=False)
-    assert run(cfg, params, devices[:4], layer_programs=True) == whole
+    whole = run(cfg, params, devices[:4], per_program=0)
+    assert run(cfg, params, devices[:4], per_program) == whole
 
 
 def test_a_failure_and_a_rejoin_change_no_output(devices):
@@ -73,15 +76,29 @@ def test_a_failure_and_a_rejoin_change_no_output(devices):
         if step == 10:
             coordinator.rejoin([1, 6])
 
-    failure_free = run(cfg, params, devices, layer_programs=True)
-    assert run(cfg, params, devices, layer_programs=True, script=script) == failure_free
+    failure_free = run(cfg, params, devices, per_program=1)
+    assert run(cfg, params, devices, per_program=1, script=script) == failure_free
+
+
+def test_layers_are_grouped_by_kind_in_order():
+    cfg = get_preset("tiny-deepseek-v3").replace(num_layers=6)  # dense, then 5 MoE layers
+    dense, moe = (False, None), (True, None)
+    assert layer_groups(cfg, 2) == [
+        ((dense, 1), [0]),
+        ((moe, 2), [1, 2]),
+        ((moe, 2), [3, 4]),
+        ((moe, 1), [5]),
+    ]
+    gpt = get_preset("tiny-gpt-oss")  # sliding and full attention alternate
+    assert [len(g) for _, g in layer_groups(gpt, 4)] == [1] * gpt.num_layers
 
 
 def test_a_deeper_model_compiles_the_same_programs(devices):
-    """Layers of one kind share an executable: 2 and 6 MoE layers compile as many programs."""
-    base = get_preset("tiny-deepseek-v3")  # one dense layer first: two layer kinds
+    """Groups of one kind and size share an executable: 5 and 9 MoE layers (after a dense
+    one) in groups of 2 compile the same programs (dense x 1, MoE x 2, MoE x 1)."""
+    base = get_preset("tiny-deepseek-v3")
     counted = []
-    for layers in (2, 6):
+    for layers in (6, 10):
         cfg = base.replace(num_layers=layers)
         geometry = StepGeometry(
             num_devices=2,
@@ -89,12 +106,12 @@ def test_a_deeper_model_compiles_the_same_programs(devices):
             request_slots_per_device=2,
             prefill_rows_per_device=1,
             max_replicas=1,
-            layer_programs=True,
+            layers_per_program=2,
         )
         programs = MeshPrograms(cfg, build_mesh(devices[:2]), geometry)
         with count_compiles() as compiled:
             chain = programs.compile_decode()
             programs.compile_prefill(16)
-        assert len(chain.layers) == 2  # dense, MoE
+        assert len(chain.layers) == 3
         counted.append(compiled())
     assert counted[0] == counted[1]

@@ -130,8 +130,8 @@ def test_two_workers_serve_the_single_process_tokens_and_survive_a_kill(model_an
 
 
 @pytest.mark.slow
-def test_two_workers_with_layer_programs_serve_the_single_process_tokens(devices):
-    """Per-layer programs (EngineOptions.layer_programs) across two worker processes: the MoE
+def test_two_workers_with_layer_group_programs_serve_the_single_process_tokens(devices):
+    """Layer-group programs (EngineOptions.layers_per_program) across two worker processes: the MoE
     layers' index arrays are placed on a mesh that spans both; the tokens and logprobs are the
     single-process Engine's."""
     from elastic_moe.checkpoint import load_model
@@ -139,7 +139,7 @@ def test_two_workers_with_layer_programs_serve_the_single_process_tokens(devices
     from elastic_moe.frontend_engine import frontend_engine
     from elastic_moe.remote_mesh import RemoteMesh
 
-    options = EngineOptions(layer_programs=True)
+    options = EngineOptions(layers_per_program=1)
     cfg, params, _ = load_model(PRESET)
     expected = Engine(cfg, params, devices[:4], options).generate(PROMPTS, 8)
     with WorkerPool(2, cpu_devices_per_worker=2, options=FAST) as pool:
