@@ -38,6 +38,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-per-device", type=int, default=4)
     p.add_argument("--redundant-experts", type=int, default=-1, help="-1 = num_experts")
     p.add_argument(
+        "--layers-per-program",
+        type=int,
+        default=0,
+        help="EngineOptions.layers_per_program (0: one program per step): what a cold recovery "
+        "compiles on its critical path",
+    )
+    p.add_argument(
         "--checkpoint",
         default="",
         help="directory for the orbax checkpoint the restart reads (default: a temporary one, "
@@ -60,7 +67,9 @@ def engine_for(cfg, params, devices, args):
 
     redundant = cfg.num_experts if args.redundant_experts < 0 else args.redundant_experts
     options = EngineOptions(
-        request_slots_per_device=args.batch_per_device, redundant_experts=redundant
+        request_slots_per_device=args.batch_per_device,
+        redundant_experts=redundant,
+        layers_per_program=args.layers_per_program,
     )
     return Engine(cfg, params, devices, options)
 
