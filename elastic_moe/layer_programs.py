@@ -17,7 +17,6 @@ replicated int32 per MoE layer), so that one executable serves every MoE layer.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,12 +27,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from elastic_moe.step_io import StepOutput
+from elastic_moe.step_io import StepOutput, global_token_ids
 from mesh.device_mesh import EXPERT_AXIS
 from mesh.sharding import BATCH, REPLICATED
 from models.config import ModelConfig
 from models.kv_cache import LayerCache
 from models.moe import ExpertTables
+from models.params import cached_per_config
 from models.row_invariant import row_invariant_matmuls
 from models.sampling import sample
 from models.transformer import MoETransformer, output_logits
@@ -61,24 +61,15 @@ def layer_kind(cfg: ModelConfig, index: int) -> LayerKind:
     return index >= cfg.first_dense_layers, window
 
 
+@cached_per_config
 def _graphs(cfg: ModelConfig) -> tuple[dict[LayerKind, nnx.GraphDef], nnx.GraphDef]:
-    """The graph of one decoder layer of each kind, and of the final norm (kept per config:
-    about 1 s at 61 layers, asked by the decode and the prefill programs of every mesh)."""
-    try:
-        return _graphs_cached(cfg)
-    except TypeError:  # a config with an unhashable field
-        return _build_graphs(cfg)
-
-
-def _build_graphs(cfg: ModelConfig) -> tuple[dict[LayerKind, nnx.GraphDef], nnx.GraphDef]:
+    """The graph of one decoder layer of each kind, and of the final norm (asked by the
+    decode and the prefill programs of every mesh)."""
     model = nnx.eval_shape(lambda: MoETransformer(cfg, cfg.num_experts, rngs=nnx.Rngs(0)))
     layers: dict[LayerKind, nnx.GraphDef] = {}
     for i, layer in enumerate(model.layers):
         layers.setdefault(layer_kind(cfg, i), nnx.split(layer)[0])
     return layers, nnx.split(model.final_norm)[0]
-
-
-_graphs_cached = functools.lru_cache(maxsize=16)(_build_graphs)
 
 
 def head_params(params: dict) -> dict:
@@ -128,9 +119,7 @@ class LayerPrograms:
             is_moe = kind[0]
 
             def run(params, caches, log2phy, replica_count, js, x, positions, rows):
-                b, c, _ = x.shape
-                first = jax.lax.axis_index(EXPERT_AXIS) * b * c
-                token_ids = first + jnp.arange(b * c, dtype=jnp.int32)
+                token_ids = global_token_ids(*x.shape[:2])
                 new_caches, loads = [], []
                 for layer_params, cache, j in zip(params, caches, js, strict=True):
                     layer = nnx.merge(graph, layer_params)

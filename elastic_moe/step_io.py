@@ -1,11 +1,14 @@
-"""What a step program takes per row to sample, and what it returns."""
+"""What a step program takes per row to sample, what it returns, and its tokens' global ids."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt32
 
+from mesh.device_mesh import EXPERT_AXIS
 from models.kv_cache import LayerCache
 
 
@@ -25,3 +28,10 @@ class StepOutput(NamedTuple):
     logits: Float[Array, "b vocab"]
     cache: list[LayerCache]
     expert_load: Int[Array, "moe_layers experts"]
+
+
+def global_token_ids(b: int, c: int) -> Int[Array, " bc"]:
+    """Inside shard_map over EXPERT_AXIS: a mesh-wide index for each of this device's b x c
+    tokens (the MoE layers spread tokens over an expert's replicas by it)."""
+    first = jax.lax.axis_index(EXPERT_AXIS) * b * c
+    return first + jnp.arange(b * c, dtype=jnp.int32)

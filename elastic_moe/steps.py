@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from elastic_moe.layer_programs import LayerChain, LayerPrograms
-from elastic_moe.step_io import Sampling, StepOutput
+from elastic_moe.step_io import Sampling, StepOutput, global_token_ids
 from mesh.device_mesh import EXPERT_AXIS
 from mesh.sharding import BATCH, REPLICATED, named, param_specs
 from models.config import ModelConfig
@@ -67,8 +67,7 @@ def _local_forward(graphdef, cfg: ModelConfig, numerics: str):
     def forward(params, cache, log2phy, replica_count, tokens, positions, rows, last, sampling):
         model = nnx.merge(graphdef, params)
         b, c = tokens.shape
-        first = jax.lax.axis_index(EXPERT_AXIS) * b * c
-        token_ids = first + jnp.arange(b * c, dtype=jnp.int32)
+        token_ids = global_token_ids(b, c)
         logits, cache, load = model(
             tokens,
             positions,
@@ -100,7 +99,7 @@ class MeshPrograms:
         self.batch = NamedSharding(mesh, BATCH)
         self.replicated = NamedSharding(mesh, REPLICATED)
         forward = _local_forward(model_graph(cfg), cfg, geometry.numerics)
-        sampling_spec = Sampling(*([BATCH] * 5))
+        self.sampling_spec = sampling_spec = Sampling(*([BATCH] * 5))
         out_spec = StepOutput(BATCH, BATCH, BATCH, cache_spec, REPLICATED)
 
         def sharded(rows_spec):
@@ -193,14 +192,19 @@ class MeshPrograms:
         return (*self._abstract_common(), row((b,)), row((b,)), self._abstract_sampling(b))
 
     def _compile_decode(self):
-        if "decode" not in self._compiled:
+        return self._compile_step("decode", self.decode, self.abstract_decode_args, decode=True)
+
+    def _compile_step(self, key, program, abstract_args, decode: bool):
+        """The step program under `key`, compiled once with its sampling program: the jitted
+        whole-step `program` lowered from `abstract_args()`, or the layer-group chain."""
+        if key not in self._compiled:
             if self.geometry.layers_per_program:
-                self._compiled["decode"] = self._compile_chain(True, self.abstract_decode_args)
+                self._compiled[key] = self._compile_chain(decode, abstract_args)
             else:
-                lowered = self.decode.lower(*self.abstract_decode_args())
+                lowered = program.lower(*abstract_args())
                 self._compile_draw(lowered.out_info.logits)
-                self._compiled["decode"] = lowered.compile()
-        return self._compiled["decode"]
+                self._compiled[key] = lowered.compile()
+        return self._compiled[key]
 
     def _compile_chain(self, decode: bool, abstract_args) -> LayerChain:
         """The step as programs of a few layers each (StepGeometry.layers_per_program)."""
@@ -210,7 +214,7 @@ class MeshPrograms:
                 self.mesh,
                 self.param_specs,
                 self.geometry.numerics,
-                Sampling(*([BATCH] * 5)),
+                self.sampling_spec,
                 decode,
                 self.geometry.layers_per_program,
             )
@@ -259,16 +263,8 @@ class MeshPrograms:
         )
 
     def _compile_prefill(self, length: int):
-        key = ("prefill", length)
-        if key not in self._compiled:
-            if self.geometry.layers_per_program:
-                args = functools.partial(self.abstract_prefill_args, length)
-                self._compiled[key] = self._compile_chain(False, args)
-                return self._compiled[key]
-            lowered = self.prefill.lower(*self.abstract_prefill_args(length))
-            self._compile_draw(lowered.out_info.logits)
-            self._compiled[key] = lowered.compile()
-        return self._compiled[key]
+        args = functools.partial(self.abstract_prefill_args, length)
+        return self._compile_step(("prefill", length), self.prefill, args, decode=False)
 
     @property
     def compiled_count(self) -> int:

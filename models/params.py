@@ -29,24 +29,29 @@ def expert_weight_names(cfg: ModelConfig) -> tuple[str, ...]:
     return EXPERT_WEIGHTS + EXPERT_BIASES if cfg.expert_bias else EXPERT_WEIGHTS
 
 
+def cached_per_config(build):
+    """`build(cfg, ...)` kept per (hashable) arguments: the abstract model takes about 1 s at
+    61 layers, and each mesh's programs ask for it several times."""
+    cached = functools.lru_cache(maxsize=16)(build)
+
+    @functools.wraps(build)
+    def get(*args):
+        try:
+            return cached(*args)
+        except TypeError:  # a config with an unhashable field
+            return build(*args)
+
+    return get
+
+
+@cached_per_config
 def _abstract_model(cfg: ModelConfig, num_slots: int | None) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph and abstract state of the model, without allocating weights (about 1 s for 61
-    layers, and a mesh's programs ask several times: kept per config)."""
-    try:
-        return _abstract_model_cached(cfg, num_slots)
-    except TypeError:  # a config with an unhashable field
-        return _build_abstract_model(cfg, num_slots)
-
-
-def _build_abstract_model(cfg: ModelConfig, num_slots: int | None):
+    """Graph and abstract state of the model, without allocating weights."""
     abstract = nnx.eval_shape(
         lambda: MoETransformer(cfg, num_slots or cfg.num_experts, rngs=nnx.Rngs(0))
     )
     graph, state = nnx.split(abstract)
     return graph, state
-
-
-_abstract_model_cached = functools.lru_cache(maxsize=16)(_build_abstract_model)
 
 
 def model_graph(cfg: ModelConfig, num_slots: int | None = None) -> nnx.GraphDef:

@@ -93,12 +93,17 @@ def matmul(x: Float[Array, "... k"], w: Float[Array, "k n"]) -> Float[Array, "..
 def matmuls(x: Float[Array, "... k"], weights: Sequence[Array]) -> list[Array]:
     """[x @ w for w in weights]; inside `row_invariant_matmuls()` on the GPU, one kernel call
     for all of them (q, k and v of one input: one launch instead of three)."""
-    if _ENABLED.get() and jax.default_backend() != "gpu":
+    if _fixed_order_here():
         return [fixed_order_matmul(x, w) for w in weights]
     if not _use_kernel(x, weights):
         return [x @ w for w in weights]
     outs = split_k_matmuls(x.reshape(-1, x.shape[-1]), weights)
     return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
+
+
+def _fixed_order_here() -> bool:
+    """Inside `row_invariant_matmuls()` off the GPU: products in a fixed order (module doc)."""
+    return _ENABLED.get() and jax.default_backend() != "gpu"
 
 
 def kernels_enabled() -> bool:
@@ -211,6 +216,6 @@ def lm_head_logits(
     float32 in the models here: it streams at about 4.1 TB/s, profile in RESULTS.md.) Off the
     GPU, inside row_invariant_matmuls(), in a fixed order (the module docstring says why)."""
     x, head = x.astype(jnp.float32), head.astype(jnp.float32)
-    if _ENABLED.get() and jax.default_backend() != "gpu":
+    if _fixed_order_here():
         return fixed_order_matmul(x, head)
     return x @ head
