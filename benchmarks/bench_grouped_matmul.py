@@ -29,6 +29,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--interpret", action="store_true", help="run the kernel interpreted (CPU)")
     p.add_argument("--quick", action="store_true", help="small shapes, checks only")
     p.add_argument("--sweep", action="store_true", help="time tilings (block_n, block_k, warps)")
+    p.add_argument(
+        "--row-tiles",
+        action="store_true",
+        help="time row tiles (block_m) at decode, large-batch and prefill shapes of qwen3 and "
+        "mixtral, and check each gives every row the bits of the 16-row tile",
+    )
     return p.parse_args()
 
 
@@ -101,6 +107,9 @@ def main() -> int:
 
     if args.sweep:
         sweep(args, k, n, rng)
+        return 0
+    if args.row_tiles:
+        row_tiles(args, rng)
         return 0
 
     # ---- timing ----
@@ -211,6 +220,62 @@ def sweep(args, k: int, n: int, rng) -> None:
             f"| {block_n} | {block_k} | {warps} | {stages} | " + " | ".join(times) + " |",
             flush=True,
         )
+
+
+# (name, K, N, local slots, rows, slots with rows): one device's gate (or down) product.
+ROW_TILE_SHAPES = [
+    ("qwen3 gate, batch 8", 2048, 768, 128, 64, 50),
+    ("qwen3 gate, batch 64", 2048, 768, 128, 512, 72),
+    ("qwen3 gate, batch 256", 2048, 768, 128, 2048, 100),
+    ("qwen3 gate, prefill 2048", 2048, 768, 128, 16384, 128),
+    ("mixtral gate, batch 8", 4096, 14336, 8, 16, 8),
+    ("mixtral gate, batch 64", 4096, 14336, 8, 128, 8),
+    ("mixtral gate, batch 256", 4096, 14336, 8, 512, 8),
+    ("mixtral down, batch 256", 14336, 4096, 8, 512, 8),
+]
+# (block_m, num_warps)
+ROW_TILINGS = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
+
+
+def row_tiles(args, rng) -> None:
+    """Kernel time per row tile, and whether a row's bits stay those of the 16-row tile (if
+    they do, the tile may follow the rows per call without breaking batch invariance)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models.grouped_matmul import grouped_matmul_kernel
+
+    tilings = ROW_TILINGS
+    print(
+        "| shape | rows | floor MB | "
+        + " | ".join(f"block_m {m}, {w} warps us (same bits)" for m, w in tilings)
+        + " |"
+    )
+    print("|---|---|---|" + "---|" * len(tilings), flush=True)
+    for name, k, n, slots, rows, used in ROW_TILE_SHAPES:
+        w = jnp.asarray(rng.normal(size=(slots, k, n)) * k**-0.5, jnp.bfloat16)
+        x = jnp.asarray(rng.normal(size=(rows, k)), jnp.bfloat16)
+        g = jnp.asarray(sizes_for(rng, rows, slots, used))
+        live = int((np.asarray(g) > 0).sum())
+        floor = (live * k * n + rows * k + rows * n) * 2
+        reference = None
+        cells = []
+        for block_m, warps in tilings:
+
+            def call(x=x, w=w, g=g, block_m=block_m, warps=warps):
+                return grouped_matmul_kernel(
+                    x, w, g, block_m=block_m, num_warps=warps, interpret=args.interpret
+                )
+
+            try:
+                out = np.asarray(call())
+                if reference is None:
+                    reference = out
+                same = np.array_equal(out.view(np.uint16), reference.view(np.uint16))
+                cells.append(f"{1e6 * timed(call, args.iters):.0f} ({'yes' if same else 'NO'})")
+            except Exception as error:  # a tiling Triton cannot compile (shared memory)
+                cells.append(type(error).__name__)
+        print(f"| {name} | {rows} | {floor / 1e6:.0f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

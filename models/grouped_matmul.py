@@ -8,8 +8,13 @@ never read.
 
 Numerics: every output element is one tile's dot products over K in fixed BLOCK_K chunks,
 accumulated in float32 in the same order whatever the number of rows, groups or devices (no
-split-K, one tiling for prefill and decode), so a row's result does not depend on which rows
-share its step: the kernel is batch-invariant by construction.
+split-K, one K and column tiling for prefill and decode), so a row's result does not depend on
+which rows share its step: the kernel is batch-invariant by construction. The row tile follows
+the rows a group is expected to get (`row_tile`: 16 at decode, up to 64 at large batches and
+prefill, where a 16-row tile re-reads an expert's weights every 16 rows): it changes how many
+rows share one tensor-core product, not the K order of any element, and gave every row the
+same bits at 16, 32, 64 and 128 rows on an H100 (`bench_grouped_matmul.py --row-tiles`,
+benchmarks/RESULTS.md); tests/test_grouped_matmul.py checks it on whatever runs the tests.
 
 `grouped_matmul` picks the kernel on GPU and `jax.lax.ragged_dot` elsewhere (CPU, or shapes
 the kernel does not tile); `interpret=True` runs the kernel on any backend, for tests. The
@@ -27,7 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-BLOCK_M = 16  # rows per tile: decode sends a few rows per expert
+BLOCK_M = 16  # rows per tile at decode, where a few rows go to each expert
+ROW_TILES = (16, 32, 64)
 # Picked by `bench_grouped_matmul.py --sweep` on an H200 (RESULTS.md, 2026-11-30).
 BLOCK_N = 128
 BLOCK_K = 64
@@ -119,6 +125,15 @@ def pad_to_row_tiles(x: jax.Array, block: int = BLOCK_M) -> jax.Array:
     return jnp.pad(x, ((0, padded - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
+def row_tile(expected_rows: int, groups: int) -> int:
+    """Rows per tile for `expected_rows` rows spread over `groups` groups: the smallest tile
+    above a group's average share, at most 64 (on an H100, 64 rows per expert ran 1.6x faster
+    in 64-row tiles than in 16-row ones, 16 rows 1.1x faster in 32-row tiles; at a few rows per
+    expert the tiles tie: bench_grouped_matmul.py --row-tiles)."""
+    per_group = expected_rows / max(groups, 1)
+    return next((t for t in ROW_TILES if per_group < t), ROW_TILES[-1])
+
+
 def supported(x_shape: tuple[int, ...], w_shape: tuple[int, ...], block_n: int = BLOCK_N) -> bool:
     """Shapes the kernel tiles exactly (K and N whole blocks, at least one row tile)."""
     (_, k), (_, k2, n) = x_shape, w_shape
@@ -197,10 +212,16 @@ def implementation() -> str:
 
 
 def grouped_matmul(
-    x: Float[Array, "m k"], w: Float[Array, "g k n"], group_sizes: Int[Array, " g"]
+    x: Float[Array, "m k"],
+    w: Float[Array, "g k n"],
+    group_sizes: Int[Array, " g"],
+    expected_rows: int | None = None,
 ) -> Float[Array, "m n"]:
-    """`jax.lax.ragged_dot(x, w, group_sizes)`, reading only the groups that have rows on GPU."""
+    """`jax.lax.ragged_dot(x, w, group_sizes)`, reading only the groups that have rows on GPU.
+    expected_rows: how many of x's rows are likely in a group (default all of them; a device
+    of an expert-parallel mesh gets about m / devices): picks the row tile, never the bits."""
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu and implementation() == "auto" and supported(x.shape, w.shape):
-        return grouped_matmul_kernel(x, w, group_sizes)
+        rows = x.shape[0] if expected_rows is None else expected_rows
+        return grouped_matmul_kernel(x, w, group_sizes, block_m=row_tile(rows, w.shape[0]))
     return jax.lax.ragged_dot(x, w, group_sizes)

@@ -114,9 +114,11 @@ def expert_parallel_ffn(
         # Each sorted row's local slot; rows of other devices' slots (group s) read slot s - 1,
         # and their outputs are never used.
         row_slot = jnp.minimum(group[order], s - 1)
+    # About this device's share of the pairs: picks the kernel's row tile (no bit changes).
+    local_rows = rows.shape[0] // (jax.lax.axis_size(axis_name) if axis_name is not None else 1)
     with jax.named_scope("grouped_matmul"):
-        gate = grouped_matmul(rows, w_gate, group_sizes)
-        up = grouped_matmul(rows, w_up, group_sizes)
+        gate = grouped_matmul(rows, w_gate, group_sizes, local_rows)
+        up = grouped_matmul(rows, w_up, group_sizes, local_rows)
         if biases is not None:
             gate = gate + biases.b_gate[row_slot].astype(gate.dtype)
             up = up + biases.b_up[row_slot].astype(up.dtype)
@@ -124,7 +126,7 @@ def expert_parallel_ffn(
             hidden = clamped_swiglu(gate, up, swiglu_alpha, swiglu_limit)
         else:
             hidden = jax.nn.silu(gate) * up
-        out = grouped_matmul(hidden, w_down, group_sizes)
+        out = grouped_matmul(hidden, w_down, group_sizes, local_rows)
         if biases is not None:
             out = out + biases.b_down[row_slot].astype(out.dtype)
     if numerics == "invariant":

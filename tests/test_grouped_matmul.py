@@ -10,9 +10,11 @@ from models.grouped_matmul import (
     BLOCK_K,
     BLOCK_M,
     BLOCK_N,
+    ROW_TILES,
     TileSchedule,
     grouped_matmul,
     grouped_matmul_kernel,
+    row_tile,
     supported,
 )
 
@@ -52,6 +54,28 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
     together = grouped_matmul_kernel(x, w, g, interpret=True)
     alone = grouped_matmul_kernel(x[7:16], w, jnp.asarray([0, 0, 9, 0], jnp.int32), interpret=True)
     assert np.array_equal(np.asarray(alone), np.asarray(together[7:16]))
+
+
+def test_every_row_tile_gives_a_row_the_same_bits():
+    """The row tile follows the batch (row_tile), so it must not move a bit: checked here on
+    whatever backend runs the tests (the kernel itself on a GPU), in bf16."""
+    sizes = [3, 0, 70, 1, 33, 0, 17]
+    x, w, g = operands(3, sizes, extra_rows=2, dtype=jnp.bfloat16)
+    interpret = jax.default_backend() != "gpu"
+    outs = [
+        np.asarray(grouped_matmul_kernel(x, w, g, block_m=t, interpret=interpret))
+        for t in ROW_TILES
+    ]
+    for tile, out in zip(ROW_TILES[1:], outs[1:], strict=True):
+        assert np.array_equal(out.view(np.uint16), outs[0].view(np.uint16)), tile
+
+
+def test_row_tile_follows_the_rows_per_group():
+    assert row_tile(512, 128) == 16  # decode: 4 rows per expert
+    assert row_tile(2048, 128) == 32
+    assert row_tile(512, 8) == 64  # mixtral at batch 256: 64 rows per expert
+    assert row_tile(10**6, 8) == 64  # never above the largest tile
+    assert row_tile(0, 0) == 16
 
 
 def test_schedule_covers_every_row_once_and_no_empty_group():
