@@ -43,11 +43,20 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rows", default="16,32", help="rows per call (decode rows per device)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--interpret", action="store_true", help="run the kernel interpreted (CPU)")
+    p.add_argument(
+        "--row-tiles",
+        action="store_true",
+        help="time row tiles (block_m) at decode and prefill row counts instead, and check each "
+        "gives every row the bits of the 16-row tile",
+    )
     return p.parse_args()
 
 
 def main() -> int:
     args = parse()
+    if args.row_tiles:
+        row_tiles(args)
+        return 0
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -116,6 +125,40 @@ def main() -> int:
                 flush=True,
             )
     return 0
+
+
+ROW_TILE_ROWS = (8, 64, 256, 2048)
+ROW_TILES = (16, 32, 64)
+
+
+def row_tiles(args) -> None:
+    """us per product for each row tile at decode and prefill row counts (q_proj and o_proj),
+    and whether a row keeps the bits of the 16-row tile."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models.row_invariant import split_k_matmul
+
+    rng = np.random.default_rng(1)
+    print(
+        "| product | rows | " + " | ".join(f"block_m {t} us (same bits)" for t in ROW_TILES) + " |"
+    )
+    print("|---|---|" + "---|" * len(ROW_TILES), flush=True)
+    for name, k, n, dtype in SHAPES[::2]:
+        w = jnp.asarray(rng.normal(size=(WEIGHTS, k, n)) * k**-0.5, dtype)
+        for m in ROW_TILE_ROWS:
+            x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+            reference, cells = None, []
+            for tile in ROW_TILES:
+
+                def product(x, w, tile=tile):
+                    return split_k_matmul(x, w, block_m=tile, interpret=args.interpret)
+
+                out = np.asarray(product(x, w[0]).astype(jnp.float32))
+                reference = out if reference is None else reference
+                same = "yes" if np.array_equal(out, reference) else "NO"
+                cells.append(f"{timed(product, x, w, args):.1f} ({same})")
+            print(f"| {name} | {m} | " + " | ".join(cells) + " |", flush=True)
 
 
 def grouped_split_k(x, w):

@@ -9,7 +9,8 @@ piece of the model at a time to find which op makes a prefill differ from decode
 - "as built";
 - "attention elementwise": scores and outputs as products summed in a fixed order
   (models.fixed_order), not XLA dots;
-- "... + LM head kernel": the float32 LM head through the row-invariant kernel.
+- "... + LM head kernel": the float32 LM head through the row-invariant kernel in exact
+  float32 (HIGHEST), with K in splits (as built it runs the kernel in TF32 in one split).
 """
 
 from __future__ import annotations

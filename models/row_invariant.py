@@ -6,8 +6,9 @@ of a bf16 [m, 2048] x [2048, 4096] product changes bits between m = 1 and m = 16
 a float32 router product. So a token decoded in a step of 32 rows and the same token
 re-prefilled in a step of 512 rows came out different. Inside `row_invariant_matmuls()` (the
 model enters it for numerics="invariant"), `Dense` projections on the GPU run the project's
-split-K Pallas kernel: one fixed tiling for every row count (K cut into splits set by K
-alone, added in a fixed order), so a row's bits depend only on the row and the weights.
+split-K Pallas kernel: one K tiling for every row count (K cut into splits set by K alone,
+added in a fixed order; the row tile, which follows the row count, changes no bit), so a row's
+bits depend only on the row and the weights. The LM head goes through it too.
 Off the GPU the same context computes each product in a fixed order of elementwise adds
 (models.fixed_order): XLA's CPU dots are not row-invariant either (measured, JAX 0.12.1, float32:
 a [k, n] product's row changed bits between 1 row and 64 for most k <= 256 and n <= 96, among
@@ -37,13 +38,14 @@ from models.grouped_matmul import (
     NUM_WARPS,
     implementation,
     pad_to_row_tiles,
+    row_tile,
     supported,
     varying_like,
 )
 
 # Set while a program is traced: a trace-time choice, like the numerics argument it mirrors.
 _ENABLED = contextvars.ContextVar("row_invariant_matmuls", default=False)
-# One tiling per weight shape, never per row count. A decode step has a few dozen rows per
+# One K tiling per weight shape, never per row count. A decode step has a few dozen rows per
 # device, so a [k, n] weight gives only n / 64 column programs: too few to stream the weight at
 # full bandwidth. K is therefore cut into a fixed number of splits (set by k alone), each split
 # its own programs with a float32 output, and the partial products are added in split order:
@@ -137,15 +139,24 @@ def split_k_matmuls(
     max_splits: int = MAX_SPLITS,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
+    block_m: int | None = None,
+    precision: jax.lax.Precision | None = None,
 ) -> list[Array]:
     """[rows @ w for w in weights] ([m, k] x [k, n_i], one dtype) with the fixed tiling and K
     splits above, in one Pallas call: one program per (row tile, column block of the weights
     side by side, K split) writes its float32 partial; the partials are added in split order.
-    The tiling arguments are for tuning and tests; serving uses the defaults."""
+    The tiling arguments are for tuning and tests; serving uses the defaults. block_m: rows
+    per tile, by default following m for 16-bit inputs (16 to 64 rows: the same bits for a
+    row, measured on an H100, bench_dense_kernel.py --row-tiles) and 16 for float32 (not
+    measured there). precision: float32 inputs default to HIGHEST (exact float32 products)."""
     m, k = rows.shape
     dtype = weights[0].dtype
+    if block_m is None:
+        block_m = BLOCK_M if dtype == jnp.float32 else row_tile(m, 1)
+    if precision is None and dtype == jnp.float32:
+        precision = jax.lax.Precision.HIGHEST
     splits = _splits(k, split_width, max_splits)
-    x = pad_to_row_tiles(rows)
+    x = pad_to_row_tiles(rows, block_m)
     padded = x.shape[0]
     widths = [int(w.shape[1]) for w in weights]
     starts = np.cumsum([0, *widths])  # [weights + 1] first output column of each
@@ -158,14 +169,15 @@ def split_k_matmuls(
     kernel = functools.partial(
         _split_k_kernel,
         width=k // splits,
+        block_m=block_m,
         block_n=block_n,
         first_block=tuple(int(b) for b in first_block),
-        precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
+        precision=precision,
     )
     partial = pl.pallas_call(
         kernel,
         out_shape=varying_like(x, (splits, padded, sum(widths)), jnp.float32),
-        grid=(padded // BLOCK_M, int(first_block[-1]), splits),
+        grid=(padded // block_m, int(first_block[-1]), splits),
         interpret=interpret,
         compiler_params=compiler_params,
         name="split_k_matmul",
@@ -177,12 +189,12 @@ def split_k_matmuls(
     return [total[:, starts[i] : starts[i + 1]] for i in range(len(widths))]
 
 
-def _split_k_kernel(x_ref, *refs, width: int, block_n: int, first_block, precision):
+def _split_k_kernel(x_ref, *refs, width: int, block_m: int, block_n: int, first_block, precision):
     """refs: the weights, then the output. Program (tile, col, split): the column block col of
     the weights side by side, over K values [split * width, (split + 1) * width)."""
     *w_refs, out_ref = refs
     tile, col, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows = pl.ds(tile * BLOCK_M, BLOCK_M)
+    rows = pl.ds(tile * block_m, block_m)
 
     def product(w_ref, local_col):
         cols = pl.ds(local_col * block_n, block_n)
@@ -196,7 +208,7 @@ def _split_k_kernel(x_ref, *refs, width: int, block_n: int, first_block, precisi
                 precision=precision,
             )
 
-        zero = jnp.zeros((BLOCK_M, block_n), jnp.float32)
+        zero = jnp.zeros((block_m, block_n), jnp.float32)
         acc = jax.lax.fori_loop(0, width // BLOCK_K, body, zero)
         out_ref[split, rows, pl.ds(col * block_n, block_n)] = acc
 
@@ -210,12 +222,18 @@ def _split_k_kernel(x_ref, *refs, width: int, block_n: int, first_block, precisi
 def lm_head_logits(
     x: Float[Array, "*rows d"], head: Float[Array, "d vocab"]
 ) -> Float[Array, "*rows vocab"]:
-    """Logits in float32. XLA's float32 GEMM kept each row's bits for 1, 16 and 128 rows on an
-    H200 (probe_row_invariance.py), and a re-prefill matched decode with the LM head through
-    the kernel or not (probe_reprefill.py), so the LM head stays an XLA dot there. (The head is
-    float32 in the models here: it streams at about 4.1 TB/s, profile in RESULTS.md.) Off the
-    GPU, inside row_invariant_matmuls(), in a fixed order (the module docstring says why)."""
+    """Logits in float32. Inside row_invariant_matmuls(): on the GPU through the split-K
+    kernel in one split, its products in TF32 as XLA's default float32 dot on the GPU computes
+    them (so the same numerics, on tensor cores): XLA's own GEMM gave a row other bits between
+    4 and 32 rows on an H100 (probe_reprefill.py: 21 of 32 re-prefilled logprobs differed, the
+    kernel 0), though not between 1, 16 and 128 (probe_row_invariance.py). Off the GPU in a
+    fixed order (the module docstring says why)."""
     x, head = x.astype(jnp.float32), head.astype(jnp.float32)
     if _fixed_order_here():
         return fixed_order_matmul(x, head)
+    if _use_kernel(x, [head]):
+        rows = x.reshape(-1, x.shape[-1])
+        # One split: the vocabulary gives programs enough; no float32 partials to add.
+        out = split_k_matmuls(rows, [head], max_splits=1, precision=jax.lax.Precision.DEFAULT)
+        return out[0].reshape(*x.shape[:-1], head.shape[-1])
     return x @ head

@@ -71,3 +71,40 @@ def test_projections_of_one_input_in_one_call_are_each_projection():
         alone = row_invariant.split_k_matmul(x, w, interpret=True)
         assert out.shape == alone.shape
         assert (np.asarray(out) == np.asarray(alone)).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_row_tile_gives_a_row_the_same_bits(dtype):
+    """16-bit inputs take a row tile that follows the row count: it must move no bit (on the
+    GPU measured by bench_dense_kernel.py --row-tiles; here the kernel runs interpreted)."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((70, 1024)), dtype)
+    w = jnp.asarray(rng.standard_normal((1024, 128)) * 0.05, dtype)
+    outs = [row_invariant.split_k_matmul(x, w, block_m=t, interpret=True) for t in (16, 32, 64)]
+    for out in outs[1:]:
+        assert (np.asarray(out) == np.asarray(outs[0])).all()
+
+
+def test_the_lm_head_goes_through_the_kernel_where_kernels_run(monkeypatch):
+    """On the GPU (faked: the kernel interpreted) the LM head is the kernel's product, in one
+    split, and a row's logits do not depend on how many rows share the call."""
+    calls = []
+    kernel = row_invariant.split_k_matmuls
+
+    def interpreted(*args, **kwargs):
+        calls.append(kwargs)
+        return kernel(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(row_invariant, "kernels_enabled", lambda: True)
+    monkeypatch.setattr(row_invariant, "_fixed_order_here", lambda: False)
+    monkeypatch.setattr(row_invariant, "split_k_matmuls", interpreted)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 16, 256)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((256, 320)) * 0.05, jnp.float32)
+    with row_invariant.row_invariant_matmuls():
+        logits = row_invariant.lm_head_logits(x, head)
+        first = row_invariant.lm_head_logits(x[:1, :4], head)
+    assert logits.shape == (2, 16, 320) and logits.dtype == jnp.float32
+    assert calls and all(c["max_splits"] == 1 for c in calls)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(x) @ np.asarray(head), rtol=2e-3)
+    assert (np.asarray(first) == np.asarray(logits[:1, :4])).all()
