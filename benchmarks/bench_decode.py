@@ -108,6 +108,13 @@ def parse() -> argparse.Namespace:
 
 def main() -> int:
     args = parse()
+    if args.variants == "all" and args.devices < 2:
+        print(
+            "--variants all needs --devices 2 or more: a redundant copy lives on another device "
+            "than its expert's primary, and the 'lose one' variant needs a survivor",
+            file=sys.stderr,
+        )
+        return 2
     if args.profile_device:  # the HLO dump names each kernel's scopes; set before jax loads
         from device_profile import dump_flags
 

@@ -79,12 +79,14 @@ def median_ms(call, repeats: int, warm: bool = True) -> float:
 def decode_step_timer(engine, position: int, steps: int, token: int | None = None):
     """Warms the full-batch decode (full_batch_decode_inputs) once and returns a timer: the
     median ms of `steps` decode steps, each waited for."""
+    import jax
+
     mesh, inputs = engine.mesh, full_batch_decode_inputs(engine, position, token)
 
     def step():
         return mesh.decode(*inputs).tokens
 
-    median_ms(step, 0)  # the warm-up call alone
+    jax.block_until_ready(step())  # the warm-up call
     return lambda: median_ms(step, steps, warm=False)
 
 

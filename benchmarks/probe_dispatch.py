@@ -55,6 +55,11 @@ def main() -> int:
     targets = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
     print(f"# {cfg.name} x{cfg.num_layers}, batch {args.batch}, {jax.devices()[0].device_kind}")
     print(f"host-synchronising ops: {ops}; custom calls: {dict(targets)}")
+    launched = launches(text)
+    print(
+        f"top-level ops that launch work (about the kernels a step launches): "
+        f"{sum(launched.values())} {dict(launched.most_common())}"
+    )
     jax.block_until_ready(mesh.decode(*inputs).tokens)
     returned, finished = [], []
     for _ in range(args.steps):
@@ -71,6 +76,26 @@ def main() -> int:
         f"{done_ms:.2f} ms per step"
     )
     return 0
+
+
+NOT_LAUNCHED = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "copy-start",
+    "copy-done",
+    "opt-barrier",
+}
+
+
+def launches(text: str) -> collections.Counter:
+    """Opcodes of the ENTRY computation's instructions, less the ones that launch nothing."""
+    entry = text[text.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    opcodes = re.findall(r"^\s+(?:ROOT )?\S+ = \S+(?: \S+)*? ([a-z-]+)\(", entry, re.M)
+    return collections.Counter(op for op in opcodes if op not in NOT_LAUNCHED)
 
 
 if __name__ == "__main__":
