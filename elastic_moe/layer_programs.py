@@ -31,6 +31,7 @@ from elastic_moe.step_io import StepOutput, global_token_ids
 from mesh.device_mesh import EXPERT_AXIS
 from mesh.sharding import BATCH, REPLICATED
 from models.config import ModelConfig
+from models.kernel_platform import check_vma
 from models.kv_cache import LayerCache
 from models.moe import ExpertTables
 from models.params import cached_per_config
@@ -142,6 +143,7 @@ class LayerPrograms:
                     mesh=mesh,
                     in_specs=(*in_specs, BATCH, BATCH, rows_spec),
                     out_specs=out_specs,
+                    check_vma=check_vma(),
                 ),
                 donate_argnums=(1,),
             )
@@ -167,6 +169,7 @@ class LayerPrograms:
                 mesh=mesh,
                 in_specs=(head_specs, BATCH, rows_spec, sampling_spec, loads_spec),
                 out_specs=(BATCH, BATCH, BATCH, REPLICATED),
+                check_vma=check_vma(),
             )
         )
         self._layer_index = None  # device-resident MoE layer indices, made at the first call

@@ -23,6 +23,7 @@ from elastic_moe.step_io import Sampling, StepOutput, global_token_ids
 from mesh.device_mesh import EXPERT_AXIS
 from mesh.sharding import BATCH, REPLICATED, named, param_specs
 from models.config import ModelConfig
+from models.kernel_platform import check_vma
 from models.kv_cache import LayerCache, cache_shapes, empty_cache
 from models.moe import NUMERICS_MODES
 from models.params import abstract_params, logical_axes, model_graph
@@ -105,7 +106,11 @@ class MeshPrograms:
         def sharded(rows_spec):
             in_specs = (self.param_specs, cache_spec, P(), P(), BATCH, BATCH, rows_spec, BATCH)
             return jax.shard_map(
-                forward, mesh=mesh, in_specs=(*in_specs, sampling_spec), out_specs=out_spec
+                forward,
+                mesh=mesh,
+                in_specs=(*in_specs, sampling_spec),
+                out_specs=out_spec,
+                check_vma=check_vma(),
             )
 
         decode_body = sharded(None)

@@ -21,6 +21,7 @@ from models.fixed_order import (
     fixed_order_softmax,
     fixed_order_softmax_with_sink,
 )
+from models.kernel_platform import interpreted
 from models.kv_cache import LayerCache, write_layer_cache
 from models.layers import Dense, RMSNorm, project
 from models.rope import apply_partial_rope, apply_rope, mla_softmax_scale, rope_tables
@@ -50,7 +51,9 @@ def attend(
     still holds every position: the window is a mask); `sinks` (one logit per query head)
     join each softmax's denominator, in float32, and take no value."""
     if sinks is None and window is None and attention_kernel.use_kernel(q, keys, values):
-        return attention_kernel.live_context_attention(q, keys, values, q_positions, scale)
+        return attention_kernel.live_context_attention(
+            q, keys, values, q_positions, scale, interpret=interpreted()
+        )
     return attend_whole_window(q, keys, values, q_positions, scale, numerics, window, sinks)
 
 
@@ -294,18 +297,28 @@ class MultiHeadLatentAttention(nnx.Module):
         if absorbed:  # GPU, invariant numerics: a fixed tiling whatever the row count
             w = self.kv_b_proj.kernel[...]
             q_flat = q_nope.reshape(b * c, h, nope)
-            q_latent = absorbed_mla.absorb_query(q_flat, w, cfg.v_head_dim).reshape(b, c, h, lora)
+            q_latent = absorbed_mla.absorb_query(
+                q_flat, w, cfg.v_head_dim, interpret=interpreted()
+            ).reshape(b, c, h, lora)
         else:
             q_latent = einsum("bchn,lhn->bchl", q_nope, w_uk, numerics)
         cache = write_layer_cache(cache, k_rope, c_kv[:, :, None, :], rows, positions)
         seen = _read(cache, rows)  # k: [b, 1, t, rope] rope keys; v: [b, 1, t, lora] latents
         if attention_kernel.use_kernel(q_latent, seen.v, seen.v):
             out_latent = attention_kernel.live_context_attention(
-                q_latent, seen.v, seen.v, positions, scale, q_extra=q_rope, keys_extra=seen.k
+                q_latent,
+                seen.v,
+                seen.v,
+                positions,
+                scale,
+                q_extra=q_rope,
+                keys_extra=seen.k,
+                interpret=interpreted(),
             )
             if absorbed:
                 flat = out_latent.reshape(b * c, h, lora)
-                out = absorbed_mla.expand_output(flat, self.kv_b_proj.kernel[...], cfg.v_head_dim)
+                w = self.kv_b_proj.kernel[...]
+                out = absorbed_mla.expand_output(flat, w, cfg.v_head_dim, interpret=interpreted())
                 return out.reshape(b, c, h, cfg.v_head_dim), cache
             return einsum("bchl,lhv->bchv", out_latent, w_uv, numerics), cache
         f32 = jnp.float32

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from models.grouped_matmul import implementation, varying_like
+from models.kernel_platform import kernels_here
 
 BLOCK_T = 64  # key positions per loop step
 BLOCK_R = 16  # query rows per program: tl.dot's smallest tile
@@ -46,14 +47,15 @@ IMPLEMENTATIONS = ("auto", "xla")
 
 
 def use_kernel(q, keys, values) -> bool:
-    """On the GPU, unless ELASTIC_MOE_ATTENTION=xla (or ELASTIC_MOE_GROUPED_MATMUL=ragged_dot,
-    XLA everywhere) asks otherwise; read when a program is traced, for side-by-side runs."""
+    """Where the kernels run (models.kernel_platform), unless ELASTIC_MOE_ATTENTION=xla (or
+    ELASTIC_MOE_GROUPED_MATMUL=ragged_dot, XLA everywhere) asks otherwise; read when a program
+    is traced, for side-by-side runs."""
     choice = os.environ.get("ELASTIC_MOE_ATTENTION", "auto")
     if choice not in IMPLEMENTATIONS:
         raise ValueError(f"ELASTIC_MOE_ATTENTION must be one of {IMPLEMENTATIONS}, got {choice!r}")
     return (
         choice == "auto"
-        and jax.default_backend() == "gpu"
+        and kernels_here()
         and implementation() == "auto"
         and supported(q.shape, keys.shape, values.shape)
     )

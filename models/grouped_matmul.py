@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from models.kernel_platform import interpreted, kernels_here
+
 BLOCK_M = 16  # rows per tile at decode, where a few rows go to each expert
 ROW_TILES = (16, 32, 64)
 # Picked by `bench_grouped_matmul.py --sweep` on an H200 (RESULTS.md, 2026-11-30).
@@ -220,8 +222,8 @@ def grouped_matmul(
     """`jax.lax.ragged_dot(x, w, group_sizes)`, reading only the groups that have rows on GPU.
     expected_rows: how many of x's rows are likely in a group (default all of them; a device
     of an expert-parallel mesh gets about m / devices): picks the row tile, never the bits."""
-    on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and implementation() == "auto" and supported(x.shape, w.shape):
+    if kernels_here() and implementation() == "auto" and supported(x.shape, w.shape):
         rows = x.shape[0] if expected_rows is None else expected_rows
-        return grouped_matmul_kernel(x, w, group_sizes, block_m=row_tile(rows, w.shape[0]))
+        tile = row_tile(rows, w.shape[0])
+        return grouped_matmul_kernel(x, w, group_sizes, block_m=tile, interpret=interpreted())
     return jax.lax.ragged_dot(x, w, group_sizes)

@@ -42,6 +42,7 @@ from models.grouped_matmul import (
     supported,
     varying_like,
 )
+from models.kernel_platform import interpreted, kernels_here
 
 # Set while a program is traced: a trace-time choice, like the numerics argument it mirrors.
 _ENABLED = contextvars.ContextVar("row_invariant_matmuls", default=False)
@@ -95,12 +96,12 @@ def matmul(x: Float[Array, "... k"], w: Float[Array, "k n"]) -> Float[Array, "..
 def matmuls(x: Float[Array, "... k"], weights: Sequence[Array]) -> list[Array]:
     """[x @ w for w in weights]; inside `row_invariant_matmuls()` on the GPU, one kernel call
     for all of them (q, k and v of one input: one launch instead of three)."""
+    if _use_kernel(x, weights):
+        outs = split_k_matmuls(x.reshape(-1, x.shape[-1]), weights, interpret=interpreted())
+        return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
     if _fixed_order_here():
         return [fixed_order_matmul(x, w) for w in weights]
-    if not _use_kernel(x, weights):
-        return [x @ w for w in weights]
-    outs = split_k_matmuls(x.reshape(-1, x.shape[-1]), weights)
-    return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
+    return [x @ w for w in weights]
 
 
 def _fixed_order_here() -> bool:
@@ -109,8 +110,9 @@ def _fixed_order_here() -> bool:
 
 
 def kernels_enabled() -> bool:
-    """Inside `row_invariant_matmuls()` on the GPU (ELASTIC_MOE_GROUPED_MATMUL=ragged_dot: XLA)."""
-    return _ENABLED.get() and jax.default_backend() == "gpu" and implementation() == "auto"
+    """Inside `row_invariant_matmuls()` where the kernels run (models.kernel_platform; not with
+    ELASTIC_MOE_GROUPED_MATMUL=ragged_dot: XLA)."""
+    return _ENABLED.get() and kernels_here() and implementation() == "auto"
 
 
 def _use_kernel(x: Array, weights: Sequence[Array]) -> bool:
@@ -229,11 +231,17 @@ def lm_head_logits(
     kernel 0), though not between 1, 16 and 128 (probe_row_invariance.py). Off the GPU in a
     fixed order (the module docstring says why)."""
     x, head = x.astype(jnp.float32), head.astype(jnp.float32)
-    if _fixed_order_here():
-        return fixed_order_matmul(x, head)
     if _use_kernel(x, [head]):
         rows = x.reshape(-1, x.shape[-1])
         # One split: the vocabulary gives programs enough; no float32 partials to add.
-        out = split_k_matmuls(rows, [head], max_splits=1, precision=jax.lax.Precision.DEFAULT)
+        out = split_k_matmuls(
+            rows,
+            [head],
+            max_splits=1,
+            precision=jax.lax.Precision.DEFAULT,
+            interpret=interpreted(),
+        )
         return out[0].reshape(*x.shape[:-1], head.shape[-1])
+    if _fixed_order_here():
+        return fixed_order_matmul(x, head)
     return x @ head
