@@ -86,18 +86,18 @@ def test_every_row_tile_gives_a_row_the_same_bits(dtype):
 
 
 def test_the_lm_head_goes_through_the_kernel_where_kernels_run(monkeypatch):
-    """On the GPU (faked: the kernel interpreted) the LM head is the kernel's product, in one
-    split, and a row's logits do not depend on how many rows share the call."""
+    """Where kernels run (here: interpreted, ELASTIC_MOE_KERNELS=interpret) the LM head is the
+    kernel's product, in one split, and a row's logits do not depend on how many rows share
+    the call."""
     calls = []
     kernel = row_invariant.split_k_matmuls
 
-    def interpreted(*args, **kwargs):
+    def recorded(*args, **kwargs):
         calls.append(kwargs)
-        return kernel(*args, **kwargs, interpret=True)
+        return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(row_invariant, "kernels_enabled", lambda: True)
-    monkeypatch.setattr(row_invariant, "_fixed_order_here", lambda: False)
-    monkeypatch.setattr(row_invariant, "split_k_matmuls", interpreted)
+    monkeypatch.setenv("ELASTIC_MOE_KERNELS", "interpret")
+    monkeypatch.setattr(row_invariant, "split_k_matmuls", recorded)
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((2, 16, 256)), jnp.float32)
     head = jnp.asarray(rng.standard_normal((256, 320)) * 0.05, jnp.float32)
@@ -105,6 +105,6 @@ def test_the_lm_head_goes_through_the_kernel_where_kernels_run(monkeypatch):
         logits = row_invariant.lm_head_logits(x, head)
         first = row_invariant.lm_head_logits(x[:1, :4], head)
     assert logits.shape == (2, 16, 320) and logits.dtype == jnp.float32
-    assert calls and all(c["max_splits"] == 1 for c in calls)
+    assert calls and all(c["max_splits"] == 1 and c["interpret"] for c in calls)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(x) @ np.asarray(head), rtol=2e-3)
     assert (np.asarray(first) == np.asarray(logits[:1, :4])).all()
