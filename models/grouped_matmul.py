@@ -16,8 +16,9 @@ rows share one tensor-core product, not the K order of any element, and gave eve
 same bits at 16, 32, 64 and 128 rows on an H100 (`bench_grouped_matmul.py --row-tiles`,
 benchmarks/RESULTS.md); tests/test_grouped_matmul.py checks it on whatever runs the tests.
 
-`grouped_matmul` picks the kernel on GPU and `jax.lax.ragged_dot` elsewhere (CPU, or shapes
-the kernel does not tile); `interpret=True` runs the kernel on any backend, for tests. The
+`grouped_matmul` picks the kernel where kernels run (the GPU, or interpreted on request:
+models.kernel_platform) and `jax.lax.ragged_dot` elsewhere (CPU, or shapes the kernel does not
+tile); `interpret=True` runs the kernel on any backend, for tests. The
 environment variable ELASTIC_MOE_GROUPED_MATMUL=ragged_dot forces ragged_dot everywhere (read
 when a program is traced), for side-by-side benchmarks.
 """

@@ -93,11 +93,13 @@ def matmul(x: Float[Array, "... k"], w: Float[Array, "k n"]) -> Float[Array, "..
     return matmuls(x, [w])[0]
 
 
-def matmuls(x: Float[Array, "... k"], weights: Sequence[Array]) -> list[Array]:
+def matmuls(x: Float[Array, "... k"], weights: Sequence[Array], **tiling) -> list[Array]:
     """[x @ w for w in weights]; inside `row_invariant_matmuls()` on the GPU, one kernel call
-    for all of them (q, k and v of one input: one launch instead of three)."""
+    for all of them (q, k and v of one input: one launch instead of three); tiling: the
+    kernel's keyword arguments (split_k_matmuls), where it runs."""
     if _use_kernel(x, weights):
-        outs = split_k_matmuls(x.reshape(-1, x.shape[-1]), weights, interpret=interpreted())
+        rows = x.reshape(-1, x.shape[-1])
+        outs = split_k_matmuls(rows, weights, interpret=interpreted(), **tiling)
         return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
     if _fixed_order_here():
         return [fixed_order_matmul(x, w) for w in weights]
@@ -231,17 +233,5 @@ def lm_head_logits(
     kernel 0), though not between 1, 16 and 128 (probe_row_invariance.py). Off the GPU in a
     fixed order (the module docstring says why)."""
     x, head = x.astype(jnp.float32), head.astype(jnp.float32)
-    if _use_kernel(x, [head]):
-        rows = x.reshape(-1, x.shape[-1])
-        # One split: the vocabulary gives programs enough; no float32 partials to add.
-        out = split_k_matmuls(
-            rows,
-            [head],
-            max_splits=1,
-            precision=jax.lax.Precision.DEFAULT,
-            interpret=interpreted(),
-        )
-        return out[0].reshape(*x.shape[:-1], head.shape[-1])
-    if _fixed_order_here():
-        return fixed_order_matmul(x, head)
-    return x @ head
+    # One split: the vocabulary gives programs enough; no float32 partials to add.
+    return matmuls(x, [head], max_splits=1, precision=jax.lax.Precision.DEFAULT)[0]
